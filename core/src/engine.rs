@@ -1,0 +1,823 @@
+//! The partitioned executor: serves RUNNING campaigns one at a time, first come first served.
+//!
+//! For the campaign at the head of the queue, [`Engine::run_campaign`]:
+//!
+//! 1. loads (or decides and stores) the partition plan and puts rows a dead process left
+//!    IN_FLIGHT back to PENDING;
+//! 2. starts one **worker** per partition: it claims a batch of its PENDING rows (marking them
+//!    IN_FLIGHT), loads them, lets the kind validate and build each request, and queues the
+//!    requests; it claims the next batch as soon as the last one is queued (streaming), so memory
+//!    stays bounded by `partitions × batch` whatever the campaign's size;
+//! 3. one **dispatcher** takes a permit of the global rate limiter and a slot of the in-flight
+//!    bound for each queued request, checks the **gate** (the campaign was RUNNING at the last
+//!    poll, at most `gate_poll` ago), and hands the request to a sender task;
+//! 4. each partition's **writer** collects outcomes and commits them in batches; a row counts as
+//!    done only once its outcome is committed;
+//! 5. when every worker has found nothing to claim and no outcome is outstanding, the campaign
+//!    is marked COMPLETED by a statement that checks no row is left PENDING, IN_FLIGHT or FAILED.
+//!
+//! When the campaign stops being RUNNING (operator, breaker), the process shuts down, or Money
+//! rejects the API key, the gate closes: nothing new is sent, queued and claimed-but-unsent rows
+//! go back to PENDING, requests in flight finish and their outcomes are committed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{FixedOffset, Utc};
+use rand::Rng;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::db::{DbError, DbPool, conn};
+use crate::domain::{CampaignId, TargetId};
+use crate::kind::{ErasedKind, GrantRequest, KindRegistry, ValidationContext};
+use crate::money::{Disposition, MoneyClient, MoneyError};
+use crate::plan::{PartitionRule, PartitionSlice};
+use crate::rate::RateLimiter;
+use crate::repo::{self, CampaignRow, Outcome, RowOutcome};
+use crate::retry::RetryPolicy;
+
+/// How the executor works; built by the daemon from its configuration.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// This process's name in `claimed_by` and the audit trail.
+    pub instance_id: String,
+    /// Rows per claim.
+    pub batch_size: u32,
+    /// Grant requests in flight at once (all partitions together).
+    pub max_in_flight: usize,
+    /// Wait before claiming again after an empty claim.
+    pub idle_poll: Duration,
+    /// How often the gate re-reads the campaign's status (at most 1 s).
+    pub gate_poll: Duration,
+    /// Longest time an outcome waits before its batch is committed.
+    pub flush_interval: Duration,
+    /// Outcomes per commit at most.
+    pub flush_rows: usize,
+    /// After shutdown is asked, how long to keep trying to commit outcomes.
+    pub drain_timeout: Duration,
+    pub partition_rule: PartitionRule,
+    pub retry: RetryPolicy,
+    pub max_point_amount: i64,
+    pub expiry_offset: FixedOffset,
+}
+
+impl EngineSettings {
+    pub fn new(instance_id: impl Into<String>) -> EngineSettings {
+        EngineSettings {
+            instance_id: instance_id.into(),
+            batch_size: 1000,
+            max_in_flight: 256,
+            idle_poll: Duration::from_millis(200),
+            gate_poll: Duration::from_millis(200),
+            flush_interval: Duration::from_millis(50),
+            flush_rows: 1000,
+            drain_timeout: Duration::from_secs(10),
+            partition_rule: PartitionRule::default(),
+            retry: RetryPolicy::default(),
+            max_point_amount: 1_000_000,
+            expiry_offset: FixedOffset::east_opt(9 * 3600).unwrap_or(Utc.fix()),
+        }
+    }
+}
+
+use chrono::Offset;
+
+/// Process-wide counters, read by the throughput log and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Grant requests handed to Money.
+    pub sent: AtomicU64,
+    pub granted: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead: AtomicU64,
+    pub released: AtomicU64,
+    /// Sum of Money round-trip times in microseconds, for the mean.
+    pub money_latency_us: AtomicU64,
+}
+
+/// Why a campaign run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEnd {
+    /// Every row is SUCCEEDED or DEAD; the campaign is COMPLETED.
+    Completed,
+    /// The campaign is no longer RUNNING (paused, stopped, completed elsewhere or gone).
+    NotRunning(String),
+    /// The process is shutting down; the campaign stays RUNNING.
+    Shutdown,
+    /// Money rejected the API key; the campaign was paused.
+    Unauthorized,
+    /// The campaign's status could not be read; it will be tried again.
+    DatabaseUnavailable,
+    /// The campaign cannot be run by this daemon (e.g. unknown kind); it was paused.
+    Unrunnable(String),
+}
+
+/// Why the gate closed, first reason wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum StopReason {
+    NotRunning(String),
+    Shutdown,
+    Unauthorized,
+    DatabaseUnavailable,
+    Completed,
+}
+
+#[derive(Clone)]
+struct Gate {
+    token: CancellationToken,
+    reason: Arc<Mutex<Option<StopReason>>>,
+}
+
+impl Gate {
+    fn new() -> Gate {
+        Gate { token: CancellationToken::new(), reason: Arc::new(Mutex::new(None)) }
+    }
+
+    fn close(&self, why: StopReason) {
+        if let Ok(mut r) = self.reason.lock() {
+            r.get_or_insert(why);
+        }
+        self.token.cancel();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    fn reason(&self) -> Option<StopReason> {
+        self.reason.lock().ok().and_then(|r| r.clone())
+    }
+}
+
+/// A request on its way to the dispatcher.
+struct Job {
+    request: GrantRequest,
+    attempts: i32,
+    outcomes: mpsc::UnboundedSender<RowOutcome>,
+}
+
+impl Job {
+    fn release(self) {
+        let _ = self.outcomes.send(RowOutcome {
+            target: self.request.target,
+            attempts: self.attempts,
+            outcome: Outcome::Released,
+        });
+    }
+}
+
+/// The executor.
+pub struct Engine {
+    pool: DbPool,
+    kinds: KindRegistry,
+    money: MoneyClient,
+    limiter: RateLimiter,
+    settings: EngineSettings,
+    stats: Arc<Stats>,
+}
+
+impl Engine {
+    pub fn new(
+        pool: DbPool,
+        kinds: KindRegistry,
+        money: MoneyClient,
+        limiter: RateLimiter,
+        settings: EngineSettings,
+    ) -> Engine {
+        Engine { pool, kinds, money, limiter, settings, stats: Arc::new(Stats::default()) }
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    /// Serves the queue published by campaign discovery until `shutdown`.
+    ///
+    /// After each run the queue is re-read directly, so the next campaign starts without waiting
+    /// for the next discovery tick.
+    pub async fn run(
+        &self,
+        mut queue: watch::Receiver<Vec<CampaignRow>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut fresh: Option<Vec<CampaignRow>> = None;
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let current = fresh.take().unwrap_or_else(|| queue.borrow_and_update().clone());
+            let Some(head) = current.into_iter().next() else {
+                tokio::select! {
+                    _ = queue.changed() => continue,
+                    _ = shutdown.cancelled() => break,
+                }
+            };
+            let id = head.id();
+            let end = self.run_campaign(head, &shutdown).await;
+            info!(campaign.id = %id, end = ?end, "campaign run ended");
+            match end {
+                RunEnd::Shutdown => break,
+                RunEnd::Completed | RunEnd::Unauthorized | RunEnd::Unrunnable(_) => {
+                    fresh = self.reread_queue().await;
+                }
+                RunEnd::NotRunning(_) | RunEnd::DatabaseUnavailable => {
+                    // Wait for discovery to publish a newer queue (or shutdown).
+                    tokio::select! {
+                        _ = queue.changed() => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn reread_queue(&self) -> Option<Vec<CampaignRow>> {
+        let mut c = conn(&self.pool).await.ok()?;
+        repo::running_queue(&mut c).await.ok()
+    }
+
+    /// Runs one campaign until it completes, stops being RUNNING, or `shutdown`.
+    #[tracing::instrument(skip_all, fields(campaign.id = %campaign.id, campaign.kind = %campaign.kind))]
+    pub async fn run_campaign(&self, campaign: CampaignRow, shutdown: &CancellationToken) -> RunEnd {
+        let id = campaign.id();
+        let actor = format!("daemon:{}", self.settings.instance_id);
+        let Some(kind) = self.kinds.get(&campaign.kind) else {
+            let reason = format!("unknown campaign kind {:?}", campaign.kind);
+            error!(campaign.id = %id, "{reason}; pausing the campaign");
+            if let Ok(mut c) = conn(&self.pool).await {
+                let _ = repo::pause_by_daemon(&mut c, id, "DAEMON", &reason, &actor).await;
+            }
+            return RunEnd::Unrunnable(reason);
+        };
+        let plan = match self.prepare_run(id, kind.as_ref(), &actor).await {
+            Ok(Some(plan)) => plan,
+            Ok(None) => return RunEnd::NotRunning("not RUNNING at start".to_owned()),
+            Err(e) => {
+                warn!(campaign.id = %id, error = %e, "cannot start the campaign run");
+                return RunEnd::DatabaseUnavailable;
+            }
+        };
+        info!(campaign.id = %id, partitions = plan.len(), "serving campaign");
+
+        let gate = Gate::new();
+        let outstanding = Arc::new(AtomicUsize::new(0));
+        let idle: Arc<Vec<AtomicBool>> =
+            Arc::new(plan.iter().map(|_| AtomicBool::new(false)).collect());
+        // Outcome commits may outlive the gate (they must land) but not the drain deadline.
+        let give_up = CancellationToken::new();
+
+        let mut tasks = JoinSet::new();
+        tasks.spawn(gate_loop(self.pool.clone(), id, self.settings.gate_poll, gate.clone(), shutdown.clone()));
+
+        let (job_tx, job_rx) = mpsc::channel::<Job>(self.settings.max_in_flight.max(64) * 2);
+        let mut workers = JoinSet::new();
+        let mut writers = JoinSet::new();
+        for (i, slice) in plan.iter().copied().enumerate() {
+            let (out_tx, out_rx) = mpsc::unbounded_channel();
+            let writer = Writer {
+                pool: self.pool.clone(),
+                kind: kind.clone(),
+                campaign: id,
+                flush_interval: self.settings.flush_interval,
+                flush_rows: self.settings.flush_rows,
+                outstanding: outstanding.clone(),
+                stats: self.stats.clone(),
+                give_up: give_up.clone(),
+            };
+            writers.spawn(writer.run(out_rx).instrument(info_span!("writer", partition = i)));
+            let worker = Worker {
+                pool: self.pool.clone(),
+                kind: kind.clone(),
+                campaign: id,
+                slice,
+                settings: self.settings.clone(),
+                owner: format!("{}/p{}", self.settings.instance_id, slice.partition_no),
+                jobs: job_tx.clone(),
+                outcomes: out_tx,
+                gate: gate.clone(),
+                outstanding: outstanding.clone(),
+                idle: idle.clone(),
+                index: i,
+            };
+            workers.spawn(worker.run().instrument(info_span!("worker", partition = i)));
+        }
+        drop(job_tx);
+        let dispatcher = Dispatcher {
+            money: self.money.clone(),
+            limiter: self.limiter.clone(),
+            in_flight: Arc::new(Semaphore::new(self.settings.max_in_flight.max(1))),
+            max_in_flight: self.settings.max_in_flight.max(1),
+            retry: self.settings.retry,
+            gate: gate.clone(),
+            stats: self.stats.clone(),
+        };
+        let dispatch = tokio::spawn(dispatcher.run(job_rx).in_current_span());
+
+        // Watch for completion while the gate is open.
+        let mut tick = tokio::time::interval(self.settings.idle_poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = gate.token.cancelled() => break,
+                _ = tick.tick() => {
+                    let all_idle = idle.iter().all(|f| f.load(Ordering::SeqCst));
+                    if all_idle && outstanding.load(Ordering::SeqCst) == 0 {
+                        match self.try_complete(kind.table(), id, &actor).await {
+                            Ok(true) => gate.close(StopReason::Completed),
+                            Ok(false) => {}
+                            Err(e) => warn!(campaign.id = %id, error = %e, "completion check failed"),
+                        }
+                    }
+                }
+            }
+        }
+
+        // Drain: workers stop claiming and release what they hold, the dispatcher releases what
+        // is queued and waits for requests in flight, writers commit everything.
+        let drain_started = Instant::now();
+        while workers.join_next().await.is_some() {}
+        if let Err(e) = dispatch.await {
+            error!(campaign.id = %id, error = %e, "dispatcher task failed");
+        }
+        let deadline = self.settings.drain_timeout;
+        let shutdown_for_writers = shutdown.clone();
+        let give_up_guard = give_up.clone();
+        let watchdog = tokio::spawn(async move {
+            // While the process keeps running, writers keep retrying; on shutdown they get
+            // `drain_timeout` to commit before giving up (rows stay IN_FLIGHT and are recovered
+            // with the same idempotency key at the next start).
+            shutdown_for_writers.cancelled().await;
+            tokio::time::sleep(deadline).await;
+            give_up_guard.cancel();
+        });
+        while writers.join_next().await.is_some() {}
+        watchdog.abort();
+        tasks.abort_all();
+        let reason = gate.reason();
+        debug!(campaign.id = %id, drain_ms = drain_started.elapsed().as_millis() as u64, "drained");
+        match reason {
+            Some(StopReason::Completed) => {
+                info!(campaign.id = %id, "campaign completed");
+                RunEnd::Completed
+            }
+            Some(StopReason::NotRunning(s)) => RunEnd::NotRunning(s),
+            Some(StopReason::Shutdown) | None => RunEnd::Shutdown,
+            Some(StopReason::DatabaseUnavailable) => RunEnd::DatabaseUnavailable,
+            Some(StopReason::Unauthorized) => {
+                let reason = "Money rejected the API key (HTTP 401): fix money.api_key, then resume";
+                error!(campaign.id = %id, "{reason}; pausing the campaign");
+                if let Ok(mut c) = conn(&self.pool).await {
+                    if let Err(e) = repo::pause_by_daemon(&mut c, id, "DAEMON", reason, &actor).await {
+                        error!(campaign.id = %id, error = %e, "could not pause the campaign");
+                    }
+                }
+                RunEnd::Unauthorized
+            }
+        }
+    }
+
+    /// Confirms the campaign is RUNNING, stores its plan and recovers rows left IN_FLIGHT.
+    async fn prepare_run(
+        &self,
+        id: CampaignId,
+        kind: &dyn ErasedKind,
+        actor: &str,
+    ) -> Result<Option<Vec<PartitionSlice>>, DbError> {
+        let mut c = conn(&self.pool).await?;
+        if repo::campaign_status(&mut c, id).await?.as_deref() != Some("RUNNING") {
+            return Ok(None);
+        }
+        let plan =
+            repo::ensure_plan(&mut c, kind.table(), id, self.settings.partition_rule, actor).await?;
+        let mut recovered = 0;
+        for slice in &plan {
+            recovered += repo::recover_in_flight(&mut c, kind.table(), id, slice).await?;
+        }
+        if recovered > 0 {
+            warn!(campaign.id = %id, rows = recovered, "rows left IN_FLIGHT by an earlier run go back to PENDING; they are resent with their idempotency keys");
+        }
+        repo::mark_started(&mut c, id).await?;
+        Ok(Some(plan))
+    }
+
+    async fn try_complete(&self, table: &str, id: CampaignId, actor: &str) -> Result<bool, DbError> {
+        let mut c = conn(&self.pool).await?;
+        Ok(repo::complete_if_done(&mut c, table, id, actor).await?)
+    }
+}
+
+/// Re-reads the campaign's status every `every`; closes the gate when it is not RUNNING, when
+/// shutdown is asked, or when the status could not be confirmed for a whole second.
+async fn gate_loop(
+    pool: DbPool,
+    id: CampaignId,
+    every: Duration,
+    gate: Gate,
+    shutdown: CancellationToken,
+) {
+    let mut last_confirmed = Instant::now();
+    let mut tick = tokio::time::interval(every.min(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => { gate.close(StopReason::Shutdown); return; }
+            _ = gate.token.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let read = async {
+            let mut c = conn(&pool).await?;
+            Ok::<_, DbError>(repo::campaign_status(&mut c, id).await?)
+        };
+        match tokio::time::timeout(Duration::from_secs(1), read).await {
+            Ok(Ok(Some(s))) if s == "RUNNING" => last_confirmed = Instant::now(),
+            Ok(Ok(Some(s))) => {
+                info!(campaign.id = %id, status = %s, "campaign is no longer RUNNING: stopping sends");
+                gate.close(StopReason::NotRunning(s));
+                return;
+            }
+            Ok(Ok(None)) => {
+                gate.close(StopReason::NotRunning("deleted".to_owned()));
+                return;
+            }
+            Ok(Err(e)) => warn!(campaign.id = %id, error = %e, "cannot read the campaign status"),
+            Err(_) => warn!(campaign.id = %id, "reading the campaign status timed out"),
+        }
+        if last_confirmed.elapsed() > Duration::from_secs(1) {
+            warn!(campaign.id = %id, "campaign status unconfirmed for over 1 s: stopping sends until the database answers");
+            gate.close(StopReason::DatabaseUnavailable);
+            return;
+        }
+    }
+}
+
+struct Worker {
+    pool: DbPool,
+    kind: Arc<dyn ErasedKind>,
+    campaign: CampaignId,
+    slice: PartitionSlice,
+    settings: EngineSettings,
+    owner: String,
+    jobs: mpsc::Sender<Job>,
+    outcomes: mpsc::UnboundedSender<RowOutcome>,
+    gate: Gate,
+    outstanding: Arc<AtomicUsize>,
+    idle: Arc<Vec<AtomicBool>>,
+    index: usize,
+}
+
+impl Worker {
+    async fn run(self) {
+        let mut failures: u32 = 0;
+        while !self.gate.is_closed() {
+            match self.step().await {
+                Ok(0) => {
+                    failures = 0;
+                    self.idle[self.index].store(true, Ordering::SeqCst);
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.settings.idle_poll) => {}
+                        _ = self.gate.token.cancelled() => {}
+                    }
+                }
+                Ok(_) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    let wait = Duration::from_millis(100 * u64::from(failures.min(10)));
+                    if failures == 1 || failures % 20 == 0 {
+                        warn!(campaign.id = %self.campaign, error = %e, failures, "claiming failed; retrying");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.gate.token.cancelled() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Claims one batch and queues its requests. Returns the number of rows claimed.
+    async fn step(&self) -> Result<usize, DbError> {
+        let (claimed, prepared) = {
+            let mut c = conn(&self.pool).await?;
+            let claimed = claim_with_retry(
+                &mut c,
+                self.kind.table(),
+                self.campaign,
+                &self.slice,
+                self.settings.batch_size,
+                &self.owner,
+            )
+            .await?;
+            if claimed.is_empty() {
+                return Ok(0);
+            }
+            self.idle[self.index].store(false, Ordering::SeqCst);
+            self.outstanding.fetch_add(claimed.len(), Ordering::SeqCst);
+            let ids: Vec<TargetId> = claimed.iter().map(|c| c.target).collect();
+            let ctx = ValidationContext {
+                now: Utc::now(),
+                max_point_amount: self.settings.max_point_amount,
+                expiry_offset: self.settings.expiry_offset,
+            };
+            match self.kind.prepare(&mut c, self.campaign, &ids, &ctx).await {
+                Ok(p) => (claimed, p),
+                Err(e) => {
+                    // Claimed but unloadable: give the rows back rather than strand them.
+                    for cl in &claimed {
+                        self.emit(cl.target, cl.attempts, Outcome::Released);
+                    }
+                    return Err(e.into());
+                }
+            }
+        };
+        let attempts: HashMap<TargetId, i32> =
+            claimed.iter().map(|c| (c.target, c.attempts)).collect();
+        let mut seen = 0usize;
+        for p in prepared {
+            let Some(&att) = attempts.get(&p.target) else { continue };
+            seen += 1;
+            match p.request {
+                Err(invalid) => {
+                    self.emit(p.target, att, Outcome::Dead { code: invalid.code, message: invalid.message })
+                }
+                Ok(request) => {
+                    let job = Job { request, attempts: att, outcomes: self.outcomes.clone() };
+                    if self.gate.is_closed() {
+                        job.release();
+                        continue;
+                    }
+                    tokio::select! {
+                        sent = self.jobs.send(job) => {
+                            if let Err(mpsc::error::SendError(job)) = sent {
+                                job.release();
+                            }
+                        }
+                        _ = self.gate.token.cancelled() => {
+                            self.emit(p.target, att, Outcome::Released);
+                        }
+                    }
+                }
+            }
+        }
+        if seen < claimed.len() {
+            // A claimed id that could not be loaded (deleted meanwhile): let it go.
+            warn!(campaign.id = %self.campaign, missing = claimed.len() - seen, "claimed rows vanished before loading");
+            self.outstanding.fetch_sub(claimed.len() - seen, Ordering::SeqCst);
+        }
+        Ok(claimed.len())
+    }
+
+    fn emit(&self, target: TargetId, attempts: i32, outcome: Outcome) {
+        let _ = self.outcomes.send(RowOutcome { target, attempts, outcome });
+    }
+}
+
+async fn claim_with_retry(
+    c: &mut diesel_async::AsyncMysqlConnection,
+    table: &str,
+    campaign: CampaignId,
+    slice: &PartitionSlice,
+    limit: u32,
+    owner: &str,
+) -> Result<Vec<repo::Claimed>, DbError> {
+    let mut tries = 0;
+    loop {
+        match repo::claim(c, table, campaign, slice, limit, owner).await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                let e = DbError::from(e);
+                tries += 1;
+                if tries < 5 && e.is_retryable_lock() {
+                    tokio::time::sleep(Duration::from_millis(10 * tries)).await;
+                    continue;
+                }
+                return Err(e);
+            }
+        }
+    }
+}
+
+struct Dispatcher {
+    money: MoneyClient,
+    limiter: RateLimiter,
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
+    retry: RetryPolicy,
+    gate: Gate,
+    stats: Arc<Stats>,
+}
+
+impl Dispatcher {
+    async fn run(self, mut jobs: mpsc::Receiver<Job>) {
+        while let Some(job) = jobs.recv().await {
+            if self.gate.is_closed() {
+                job.release();
+                continue;
+            }
+            let permit = tokio::select! {
+                p = self.in_flight.clone().acquire_owned() => p,
+                _ = self.gate.token.cancelled() => { job.release(); continue; }
+            };
+            let Ok(permit) = permit else {
+                job.release();
+                continue;
+            };
+            tokio::select! {
+                _ = self.limiter.acquire() => {}
+                _ = self.gate.token.cancelled() => { job.release(); continue; }
+            }
+            // The gate, checked right before the request leaves.
+            if self.gate.is_closed() {
+                job.release();
+                continue;
+            }
+            self.stats.sent.fetch_add(1, Ordering::Relaxed);
+            let money = self.money.clone();
+            let retry = self.retry;
+            let gate = self.gate.clone();
+            let stats = self.stats.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let result = money.grant(&job.request).await;
+                stats
+                    .money_latency_us
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                if let Err(MoneyError::Unauthorized) = &result {
+                    gate.close(StopReason::Unauthorized);
+                }
+                let outcome = decide(result, job.attempts, &retry, rand::rng().random::<f64>());
+                let _ = job.outcomes.send(RowOutcome {
+                    target: job.request.target,
+                    attempts: job.attempts,
+                    outcome,
+                });
+                drop(permit);
+            });
+        }
+        // Every request in flight has answered once all permits are back.
+        let all = u32::try_from(self.max_in_flight).unwrap_or(u32::MAX);
+        let _ = self.in_flight.acquire_many(all).await;
+    }
+}
+
+/// What a Money answer means for the row, given the attempts made so far (this one included).
+pub fn decide(
+    result: Result<crate::money::Granted, MoneyError>,
+    attempts: i32,
+    retry: &RetryPolicy,
+    unit: f64,
+) -> Outcome {
+    let err = match result {
+        Ok(g) => return Outcome::Granted { transaction_id: g.transaction_id },
+        Err(e) => e,
+    };
+    let attempts_u = u32::try_from(attempts.max(1)).unwrap_or(1);
+    let retry_after = match err.disposition() {
+        Disposition::Permanent => {
+            return Outcome::Dead { code: err.code(), message: err.to_string() };
+        }
+        // Money did not process the request: it was never attempted as far as Money knows.
+        Disposition::Configuration => return Outcome::Released,
+        Disposition::RetryAfter(after) => after,
+        Disposition::Transient | Disposition::UnknownOutcome => None,
+    };
+    if retry.may_retry(attempts_u) {
+        Outcome::Retry {
+            after: retry.delay(attempts_u, unit, retry_after),
+            error: format!("{}: {err}", err.code()),
+        }
+    } else {
+        let unknown = matches!(err.disposition(), Disposition::UnknownOutcome);
+        Outcome::Dead {
+            code: err.code(),
+            message: format!(
+                "gave up after {attempts} attempts: {err}{}",
+                if unknown {
+                    " (the last outcome is unknown: a requeue resends the same key, and Money replays an earlier grant)"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+}
+
+struct Writer {
+    pool: DbPool,
+    kind: Arc<dyn ErasedKind>,
+    campaign: CampaignId,
+    flush_interval: Duration,
+    flush_rows: usize,
+    outstanding: Arc<AtomicUsize>,
+    stats: Arc<Stats>,
+    give_up: CancellationToken,
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<RowOutcome>) {
+        let mut buf: Vec<RowOutcome> = Vec::with_capacity(self.flush_rows);
+        let mut open = true;
+        while open {
+            // Wait for the first outcome, then give the batch `flush_interval` to fill.
+            if buf.is_empty() && rx.recv_many(&mut buf, self.flush_rows).await == 0 {
+                break;
+            }
+            let deadline = tokio::time::Instant::now() + self.flush_interval;
+            while buf.len() < self.flush_rows {
+                let room = self.flush_rows - buf.len();
+                match tokio::time::timeout_at(deadline, rx.recv_many(&mut buf, room)).await {
+                    Ok(0) => {
+                        open = false;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            if !self.flush(&mut buf).await {
+                break;
+            }
+        }
+    }
+
+    /// Commits the buffer, retrying until it lands or the drain deadline passes.
+    async fn flush(&self, buf: &mut Vec<RowOutcome>) -> bool {
+        let mut failures = 0u32;
+        loop {
+            let attempt = async {
+                let mut c = conn(&self.pool).await?;
+                repo::write_outcomes(&mut c, self.kind.table(), self.kind.kind(), self.campaign, buf)
+                    .await
+                    .map_err(DbError::from)
+            };
+            match attempt.await {
+                Ok(()) => {
+                    for o in buf.iter() {
+                        let counter = match o.outcome {
+                            Outcome::Granted { .. } => &self.stats.granted,
+                            Outcome::Retry { .. } => &self.stats.retried,
+                            Outcome::Dead { .. } => &self.stats.dead,
+                            Outcome::Released => &self.stats.released,
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.outstanding.fetch_sub(buf.len(), Ordering::SeqCst);
+                    if failures > 0 {
+                        info!(campaign.id = %self.campaign, "outcomes committed again after {failures} failed tries");
+                    }
+                    buf.clear();
+                    return true;
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 || failures % 10 == 0 {
+                        warn!(campaign.id = %self.campaign, rows = buf.len(), error = %e, failures, "cannot commit outcomes yet; holding them and retrying");
+                    }
+                    let wait = Duration::from_millis(100 * u64::from(failures.min(10)));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.give_up.cancelled() => {
+                            error!(campaign.id = %self.campaign, rows = buf.len(), "drain deadline passed with outcomes uncommitted; their rows stay IN_FLIGHT and are resent with the same keys at the next start");
+                            return false;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::money::Granted;
+
+    #[test]
+    fn answers_become_row_outcomes() {
+        let p = RetryPolicy::default();
+        let ok = decide(Ok(Granted { transaction_id: "t".into(), replayed: false }), 1, &p, 0.5);
+        assert_eq!(ok, Outcome::Granted { transaction_id: "t".into() });
+
+        let rejected = MoneyError::Rejected { status: 404, code: "customer_not_found".into(), message: String::new() };
+        assert!(matches!(decide(Err(rejected), 1, &p, 0.5), Outcome::Dead { code, .. } if code == "customer_not_found"));
+
+        let first = decide(Err(MoneyError::Timeout), 1, &p, 0.5);
+        assert!(matches!(first, Outcome::Retry { after, .. } if after == Duration::from_secs(3)));
+        let fifth = decide(Err(MoneyError::Server { status: 503, code: String::new() }), 5, &p, 0.5);
+        assert!(matches!(fifth, Outcome::Retry { after, .. } if after == Duration::from_secs(48)));
+        let sixth = decide(Err(MoneyError::Timeout), 6, &p, 0.5);
+        assert!(matches!(sixth, Outcome::Dead { code, .. } if code == "timeout"));
+
+        assert_eq!(decide(Err(MoneyError::Unauthorized), 1, &p, 0.5), Outcome::Released);
+        let limited = MoneyError::RateLimited { status: 429, retry_after: Some(Duration::from_secs(10)) };
+        assert!(matches!(decide(Err(limited), 1, &p, 0.5), Outcome::Retry { after, .. } if after == Duration::from_secs(10)));
+    }
+}

@@ -1,0 +1,299 @@
+//! The Money client: one grant request out, one classified outcome back.
+//!
+//! Classification follows the Money API contract (`money-api.md`): a success carries Money's
+//! transaction id; a permanent rejection is never retried; a transient failure or an unknown
+//! outcome is retried later with the same idempotency key and body; a 401 is a configuration
+//! fault. The API key is held as a secret and marked sensitive on the wire; it never appears in
+//! an error, a log line or the database.
+
+use std::time::Duration;
+
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::kind::GrantRequest;
+
+/// How the client is built.
+#[derive(Debug, Clone)]
+pub struct MoneySettings {
+    /// e.g. `http://money.internal:8080` (no trailing slash needed).
+    pub base_url: String,
+    pub api_key: SecretString,
+    /// Total time for one request, connect to last byte (contract default 3 s).
+    pub timeout: Duration,
+    /// Connections kept alive; sized for the number of requests in flight.
+    pub pool_size: usize,
+}
+
+/// A grant Money made (or replayed) for the request's idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Granted {
+    pub transaction_id: String,
+    #[serde(default)]
+    pub replayed: bool,
+}
+
+/// What to do about a failed request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Money said the request itself is wrong: never retry, the row needs a person.
+    Permanent,
+    /// Money asked us to slow down; retry no sooner than the given delay (if it gave one).
+    RetryAfter(Option<Duration>),
+    /// Nothing was granted (5xx or no connection): retry later.
+    Transient,
+    /// The grant may or may not have happened (timeout, broken answer): retry later with the
+    /// same key, which Money answers with a replay if it did.
+    UnknownOutcome,
+    /// Our configuration is wrong (bad API key): stop sending, a person must fix it.
+    Configuration,
+}
+
+/// A grant request that did not end in a success.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MoneyError {
+    #[error("Money rejected the request: HTTP {status} {code}: {message}")]
+    Rejected { status: u16, code: String, message: String },
+    #[error("Money rejected the API key (HTTP 401): check money.api_key")]
+    Unauthorized,
+    #[error("Money rate-limited the request (HTTP {status})")]
+    RateLimited { status: u16, retry_after: Option<Duration> },
+    #[error("Money failed with HTTP {status} {code}")]
+    Server { status: u16, code: String },
+    #[error("could not connect to Money: {0}")]
+    Connect(String),
+    #[error("Money did not answer within the timeout")]
+    Timeout,
+    #[error("the exchange with Money broke off or was unreadable: {0}")]
+    Broken(String),
+}
+
+impl MoneyError {
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            MoneyError::Rejected { .. } => Disposition::Permanent,
+            MoneyError::RateLimited { retry_after, .. } => Disposition::RetryAfter(*retry_after),
+            MoneyError::Server { .. } | MoneyError::Connect(_) => Disposition::Transient,
+            MoneyError::Timeout | MoneyError::Broken(_) => Disposition::UnknownOutcome,
+            MoneyError::Unauthorized => Disposition::Configuration,
+        }
+    }
+
+    /// A short snake_case code for `last_error` and dead letters.
+    pub fn code(&self) -> String {
+        match self {
+            MoneyError::Rejected { code, .. } => code.clone(),
+            MoneyError::Unauthorized => "unauthorized".to_owned(),
+            MoneyError::RateLimited { status, .. } => format!("http_{status}"),
+            MoneyError::Server { status, .. } => format!("http_{status}"),
+            MoneyError::Connect(_) => "connect_error".to_owned(),
+            MoneyError::Timeout => "timeout".to_owned(),
+            MoneyError::Broken(_) => "broken_exchange".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// Errors building the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("money.api_key is not a valid HTTP header value")]
+    BadApiKey,
+    #[error("money.base_url {0:?} is not an http(s) URL")]
+    BadBaseUrl(String),
+    #[error("cannot build the HTTP client: {0}")]
+    Build(String),
+}
+
+/// Installs the process-wide rustls crypto provider (ring); harmless when called twice.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Sends grant requests to Money. Cheap to clone; clones share the connection pool.
+#[derive(Clone)]
+pub struct MoneyClient {
+    http: reqwest::Client,
+    base_url: String,
+}
+
+impl std::fmt::Debug for MoneyClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MoneyClient").field("base_url", &self.base_url).finish_non_exhaustive()
+    }
+}
+
+impl MoneyClient {
+    pub fn new(settings: &MoneySettings) -> Result<MoneyClient, ClientError> {
+        install_crypto_provider();
+        let base_url = settings.base_url.trim_end_matches('/').to_owned();
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+            return Err(ClientError::BadBaseUrl(base_url));
+        }
+        let mut key = HeaderValue::from_str(settings.api_key.expose_secret())
+            .map_err(|_| ClientError::BadApiKey)?;
+        key.set_sensitive(true);
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", key);
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout.min(Duration::from_secs(1)))
+            .pool_max_idle_per_host(settings.pool_size)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .http1_only()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| ClientError::Build(e.to_string()))?;
+        Ok(MoneyClient { http, base_url })
+    }
+
+    /// Sends one grant request. Never retries by itself.
+    pub async fn grant(&self, request: &GrantRequest) -> Result<Granted, MoneyError> {
+        let url = format!("{}{}", self.base_url, request.endpoint);
+        let response = self
+            .http
+            .post(url)
+            .header("idempotency-key", request.idempotency_key.as_str())
+            .body(request.body.clone())
+            .send()
+            .await
+            .map_err(classify_transport)?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = response.bytes().await.map_err(classify_transport)?;
+        classify(status, retry_after, &body)
+    }
+}
+
+fn classify_transport(e: reqwest::Error) -> MoneyError {
+    if e.is_timeout() {
+        MoneyError::Timeout
+    } else if e.is_connect() {
+        MoneyError::Connect(without_url(&e))
+    } else {
+        MoneyError::Broken(without_url(&e))
+    }
+}
+
+/// reqwest errors carry the URL; ours carries no secret, but keep messages short and stable.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut msg = e.to_string();
+    if let Some(url) = e.url() {
+        msg = msg.replace(url.as_str(), "");
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+/// Maps Money's answer to an outcome, following the error table of `money-api.md`.
+pub fn classify(
+    status: u16,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> Result<Granted, MoneyError> {
+    let error_body = || serde_json::from_slice::<ErrorBody>(body).ok();
+    match status {
+        200 => match serde_json::from_slice::<Granted>(body) {
+            Ok(g) if !g.transaction_id.is_empty() => Ok(g),
+            Ok(_) => Err(MoneyError::Broken("200 without a transaction_id".to_owned())),
+            Err(e) => Err(MoneyError::Broken(format!("unreadable 200 answer: {e}"))),
+        },
+        401 => Err(MoneyError::Unauthorized),
+        408 | 429 => Err(MoneyError::RateLimited { status, retry_after }),
+        400..=499 => {
+            let b = error_body();
+            Err(MoneyError::Rejected {
+                status,
+                code: b
+                    .as_ref()
+                    .map(|b| b.code.clone())
+                    .filter(|c| !c.is_empty())
+                    .unwrap_or_else(|| format!("http_{status}")),
+                message: truncate(b.map(|b| b.message).unwrap_or_default(), 400),
+            })
+        }
+        500..=599 => Err(MoneyError::Server {
+            status,
+            code: error_body().map(|b| b.code).filter(|c| !c.is_empty()).unwrap_or_default(),
+        }),
+        // 1xx/3xx and other surprises: we cannot tell whether a grant happened.
+        _ => Err(MoneyError::Broken(format!("unexpected HTTP status {status}"))),
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_classified_as_the_contract_says() {
+        let ok = classify(200, None, br#"{"transaction_id":"tx-1","replayed":true}"#);
+        assert_eq!(ok, Ok(Granted { transaction_id: "tx-1".into(), replayed: true }));
+        let table: [(u16, &[u8], Disposition); 11] = [
+            (400, br#"{"code":"invalid_request","message":"bad"}"#, Disposition::Permanent),
+            (404, br#"{"code":"customer_not_found"}"#, Disposition::Permanent),
+            (409, br#"{"code":"voucher_already_issued"}"#, Disposition::Permanent),
+            (422, br#"{"code":"idempotency_key_reused"}"#, Disposition::Permanent),
+            (401, br#"{"code":"unauthorized"}"#, Disposition::Configuration),
+            (408, b"", Disposition::RetryAfter(None)),
+            (429, br#"{"code":"rate_limited"}"#, Disposition::RetryAfter(None)),
+            (500, b"oops", Disposition::Transient),
+            (503, br#"{"code":"unavailable"}"#, Disposition::Transient),
+            (200, b"not json", Disposition::UnknownOutcome),
+            (302, b"", Disposition::UnknownOutcome),
+        ];
+        for (status, body, want) in table {
+            let got = classify(status, None, body).map_err(|e| e.disposition());
+            assert_eq!(got, Err(want), "HTTP {status}");
+        }
+    }
+
+    #[test]
+    fn rejection_codes_come_from_the_body() {
+        let e = classify(404, None, br#"{"code":"customer_not_found","message":"no"}"#);
+        assert_eq!(e.map_err(|e| e.code()), Err("customer_not_found".to_owned()));
+        let e = classify(418, None, b"");
+        assert_eq!(e.map_err(|e| e.code()), Err("http_418".to_owned()));
+    }
+
+    #[test]
+    fn retry_after_is_kept() {
+        let e = classify(429, Some(Duration::from_secs(2)), b"");
+        assert_eq!(
+            e.map_err(|e| e.disposition()),
+            Err(Disposition::RetryAfter(Some(Duration::from_secs(2))))
+        );
+    }
+}

@@ -1,0 +1,703 @@
+//! The repository: every SQL statement the engine and the CLI run.
+//!
+//! Target tables differ only in their payload columns, so the statements here take the table
+//! name from the kind (a `'static` constant, never user input) and touch only the columns all
+//! target tables share: `id, event_id, status, bucket, attempts, transaction_id, last_error,
+//! next_attempt_at, claimed_by, updated_at`.
+//!
+//! Outcome writes are fenced by `attempts`: a claim increments it, and every later write for
+//! that claim (failed, dead, released) requires the same value, so a write retried after a lost
+//! acknowledgement can never touch a newer claim of the row. A success is written
+//! unconditionally: Money's transaction id is the truth whatever the row's state.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::NaiveDateTime;
+use diesel::QueryableByName;
+use diesel::mysql::Mysql;
+use diesel::query_builder::BoxedSqlQuery;
+use diesel::sql_types::{BigInt, Integer, Nullable, SmallInt, Text};
+use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl};
+
+use crate::domain::{CampaignId, CampaignStatus, OperatorCommand, TargetId, TargetStatus};
+use crate::plan::{PartitionRule, PartitionSlice, slices};
+
+type QResult<T> = Result<T, diesel::result::Error>;
+
+/// Longest `last_error` / dead-letter message stored.
+const MAX_ERROR_CHARS: usize = 500;
+
+fn placeholders(n: usize) -> String {
+    let mut s = String::with_capacity(n * 2);
+    for i in 0..n {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push('?');
+    }
+    s
+}
+
+/// `SELECT ? AS c1, ? AS c2 UNION ALL SELECT ?, ? ...`: a derived table of values that both
+/// MySQL 8 and MariaDB accept (their `VALUES` constructors differ).
+fn values_table(columns: &[&str], rows: usize) -> String {
+    let first: Vec<String> = columns.iter().map(|c| format!("? AS {c}")).collect();
+    let rest = vec!["?"; columns.len()].join(", ");
+    let mut s = format!("SELECT {}", first.join(", "));
+    for _ in 1..rows {
+        s.push_str(" UNION ALL SELECT ");
+        s.push_str(&rest);
+    }
+    s
+}
+
+fn truncate(s: &str, max_chars: usize) -> String {
+    match s.char_indices().nth(max_chars) {
+        Some((i, _)) => s[..i].to_owned(),
+        None => s.to_owned(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Campaigns
+
+/// A campaign as the engine and the CLI see it.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct CampaignRow {
+    #[diesel(sql_type = BigInt)]
+    pub id: i64,
+    #[diesel(sql_type = Text)]
+    pub kind: String,
+    #[diesel(sql_type = Text)]
+    pub name: String,
+    #[diesel(sql_type = Text)]
+    pub status: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub status_reason: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub paused_by: Option<String>,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Datetime>)]
+    pub queued_at: Option<NaiveDateTime>,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Datetime>)]
+    pub started_at: Option<NaiveDateTime>,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Datetime>)]
+    pub completed_at: Option<NaiveDateTime>,
+    #[diesel(sql_type = Nullable<SmallInt>)]
+    pub partition_count: Option<i16>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub planned_rows: Option<i64>,
+}
+
+impl CampaignRow {
+    pub fn id(&self) -> CampaignId {
+        CampaignId(self.id)
+    }
+
+    /// The parsed status; an unknown value (written by hand) reads as not runnable.
+    pub fn status(&self) -> Option<CampaignStatus> {
+        CampaignStatus::parse(&self.status).ok()
+    }
+}
+
+const CAMPAIGN_COLUMNS: &str = "id, kind, name, status, status_reason, paused_by, queued_at, \
+     started_at, completed_at, partition_count, planned_rows";
+
+pub async fn campaign(conn: &mut AsyncMysqlConnection, id: CampaignId) -> QResult<Option<CampaignRow>> {
+    let mut rows: Vec<CampaignRow> =
+        diesel::sql_query(format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = ?"))
+            .bind::<BigInt, _>(id.0)
+            .load(conn)
+            .await?;
+    Ok(rows.pop())
+}
+
+pub async fn campaigns(conn: &mut AsyncMysqlConnection) -> QResult<Vec<CampaignRow>> {
+    diesel::sql_query(format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns ORDER BY id"))
+        .load(conn)
+        .await
+}
+
+#[derive(QueryableByName)]
+struct StatusRow {
+    #[diesel(sql_type = Text)]
+    status: String,
+}
+
+/// The campaign's status as stored now (`None` if the campaign does not exist).
+pub async fn campaign_status(
+    conn: &mut AsyncMysqlConnection,
+    id: CampaignId,
+) -> QResult<Option<String>> {
+    let mut rows: Vec<StatusRow> = diesel::sql_query("SELECT status FROM campaigns WHERE id = ?")
+        .bind::<BigInt, _>(id.0)
+        .load(conn)
+        .await?;
+    Ok(rows.pop().map(|r| r.status))
+}
+
+/// Gives every newly RUNNING campaign its place in the first-come-first-served queue and
+/// returns the queue: RUNNING campaigns, earliest first, `id` breaking ties.
+pub async fn running_queue(conn: &mut AsyncMysqlConnection) -> QResult<Vec<CampaignRow>> {
+    diesel::sql_query(
+        "UPDATE campaigns SET queued_at = NOW(3) WHERE status = 'RUNNING' AND queued_at IS NULL",
+    )
+    .execute(conn)
+    .await?;
+    diesel::sql_query(format!(
+        "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE status = 'RUNNING' \
+         ORDER BY queued_at, id"
+    ))
+    .load(conn)
+    .await
+}
+
+/// Appends to the audit trail / event log.
+pub async fn record_event(
+    conn: &mut AsyncMysqlConnection,
+    campaign: Option<CampaignId>,
+    event: &str,
+    transition: Option<(&str, &str)>,
+    actor: &str,
+    detail: Option<&str>,
+) -> QResult<()> {
+    diesel::sql_query(
+        "INSERT INTO campaign_events (campaign_id, event, from_status, to_status, actor, detail) \
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind::<Nullable<BigInt>, _>(campaign.map(|c| c.0))
+    .bind::<Text, _>(event)
+    .bind::<Nullable<Text>, _>(transition.map(|t| t.0))
+    .bind::<Nullable<Text>, _>(transition.map(|t| t.1))
+    .bind::<Text, _>(truncate(actor, 128))
+    .bind::<Nullable<Text>, _>(detail)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Why an operator's command was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("campaign {0} does not exist")]
+    UnknownCampaign(CampaignId),
+    #[error("campaign {campaign}: {source}")]
+    Illegal {
+        campaign: CampaignId,
+        #[source]
+        source: crate::domain::IllegalTransition,
+    },
+    #[error("campaign {0} has an unknown status {1:?}")]
+    BadStatus(CampaignId, String),
+    #[error(transparent)]
+    Db(#[from] diesel::result::Error),
+}
+
+/// Applies an operator's command atomically and records it in the audit trail.
+pub async fn apply_command(
+    conn: &mut AsyncMysqlConnection,
+    id: CampaignId,
+    command: OperatorCommand,
+    actor: &str,
+) -> Result<(CampaignStatus, CampaignStatus), CommandError> {
+    conn.transaction(async |c| {
+        let mut rows: Vec<StatusRow> =
+            diesel::sql_query("SELECT status FROM campaigns WHERE id = ? FOR UPDATE")
+                .bind::<BigInt, _>(id.0)
+                .load(c)
+                .await?;
+        let from = rows.pop().ok_or(CommandError::UnknownCampaign(id))?.status;
+        let from =
+            CampaignStatus::parse(&from).map_err(|e| CommandError::BadStatus(id, e.0))?;
+        let to = from
+            .apply(command)
+            .map_err(|source| CommandError::Illegal { campaign: id, source })?;
+        let paused_by = match to {
+            CampaignStatus::Paused => Some("OPERATOR"),
+            CampaignStatus::Ready
+            | CampaignStatus::Running
+            | CampaignStatus::Stopped
+            | CampaignStatus::Completed => None,
+        };
+        diesel::sql_query(
+            "UPDATE campaigns SET status = ?, paused_by = ?, status_reason = ? WHERE id = ?",
+        )
+        .bind::<Text, _>(to.as_str())
+        .bind::<Nullable<Text>, _>(paused_by)
+        .bind::<Nullable<Text>, _>(
+            (to != CampaignStatus::Running).then(|| format!("{} by {actor}", command.as_str())),
+        )
+        .bind::<BigInt, _>(id.0)
+        .execute(c)
+        .await?;
+        record_event(
+            c,
+            Some(id),
+            "STATUS_CHANGED",
+            Some((from.as_str(), to.as_str())),
+            actor,
+            Some(&format!("{{\"command\":\"{}\"}}", command.as_str())),
+        )
+        .await?;
+        Ok((from, to))
+    })
+    .await
+}
+
+/// The daemon pauses a RUNNING campaign (breaker, configuration fault, unknown kind).
+/// Returns whether it was RUNNING.
+pub async fn pause_by_daemon(
+    conn: &mut AsyncMysqlConnection,
+    id: CampaignId,
+    paused_by: &str,
+    reason: &str,
+    actor: &str,
+) -> QResult<bool> {
+    conn.transaction(async |c| {
+        let n = diesel::sql_query(
+            "UPDATE campaigns SET status = 'PAUSED', paused_by = ?, status_reason = ? \
+             WHERE id = ? AND status = 'RUNNING'",
+        )
+        .bind::<Text, _>(paused_by)
+        .bind::<Text, _>(truncate(reason, 500))
+        .bind::<BigInt, _>(id.0)
+        .execute(c)
+        .await?;
+        if n > 0 {
+            let detail = serde_json::json!({ "paused_by": paused_by, "reason": reason }).to_string();
+            record_event(c, Some(id), "STATUS_CHANGED", Some(("RUNNING", "PAUSED")), actor, Some(&detail))
+                .await?;
+        }
+        Ok(n > 0)
+    })
+    .await
+}
+
+/// Notes the first send of a campaign.
+pub async fn mark_started(conn: &mut AsyncMysqlConnection, id: CampaignId) -> QResult<()> {
+    diesel::sql_query("UPDATE campaigns SET started_at = NOW(3) WHERE id = ? AND started_at IS NULL")
+        .bind::<BigInt, _>(id.0)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Marks a RUNNING campaign COMPLETED if none of its rows is PENDING, IN_FLIGHT or FAILED,
+/// deciding on the rows themselves in the same statement. Returns whether it did.
+pub async fn complete_if_done(
+    conn: &mut AsyncMysqlConnection,
+    table: &str,
+    id: CampaignId,
+    actor: &str,
+) -> QResult<bool> {
+    conn.transaction(async |c| {
+        let n = diesel::sql_query(format!(
+            "UPDATE campaigns SET status = 'COMPLETED', completed_at = NOW(3), \
+             status_reason = NULL, paused_by = NULL \
+             WHERE id = ? AND status = 'RUNNING' AND NOT EXISTS \
+             (SELECT 1 FROM {table} WHERE event_id = ? AND status IN ('PENDING', 'IN_FLIGHT', 'FAILED'))"
+        ))
+        .bind::<BigInt, _>(id.0)
+        .bind::<BigInt, _>(id.0)
+        .execute(c)
+        .await?;
+        if n > 0 {
+            let counts = count_by_status(c, table, id).await?;
+            let detail = serde_json::to_string(
+                &counts.iter().map(|(k, v)| (k.as_str(), *v)).collect::<BTreeMap<_, _>>(),
+            )
+            .unwrap_or_default();
+            record_event(c, Some(id), "COMPLETED", Some(("RUNNING", "COMPLETED")), actor, Some(&detail))
+                .await?;
+        }
+        Ok(n > 0)
+    })
+    .await
+}
+
+#[derive(QueryableByName)]
+struct CountRow {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+#[derive(QueryableByName)]
+struct StatusCountRow {
+    #[diesel(sql_type = Text)]
+    status: String,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// Rows of a campaign per status (statuses with no row are absent).
+pub async fn count_by_status(
+    conn: &mut AsyncMysqlConnection,
+    table: &str,
+    id: CampaignId,
+) -> QResult<BTreeMap<TargetStatus, u64>> {
+    let rows: Vec<StatusCountRow> = diesel::sql_query(format!(
+        "SELECT status, COUNT(*) AS n FROM {table} WHERE event_id = ? GROUP BY status"
+    ))
+    .bind::<BigInt, _>(id.0)
+    .load(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| TargetStatus::parse(&r.status).ok().map(|s| (s, r.n.max(0) as u64)))
+        .collect())
+}
+
+/// Returns the campaign's stored partition count, deciding and storing the plan first if there
+/// is none: counted once, kept across restarts.
+pub async fn ensure_plan(
+    conn: &mut AsyncMysqlConnection,
+    table: &str,
+    id: CampaignId,
+    rule: PartitionRule,
+    actor: &str,
+) -> QResult<Vec<PartitionSlice>> {
+    conn.transaction(async |c| {
+        #[derive(QueryableByName)]
+        struct PlanRow {
+            #[diesel(sql_type = Nullable<SmallInt>)]
+            partition_count: Option<i16>,
+        }
+        let mut rows: Vec<PlanRow> =
+            diesel::sql_query("SELECT partition_count FROM campaigns WHERE id = ? FOR UPDATE")
+                .bind::<BigInt, _>(id.0)
+                .load(c)
+                .await?;
+        if let Some(n) = rows.pop().and_then(|r| r.partition_count) {
+            return Ok(slices(u16::try_from(n).unwrap_or(1)));
+        }
+        let mut counted: Vec<CountRow> =
+            diesel::sql_query(format!("SELECT COUNT(*) AS n FROM {table} WHERE event_id = ?"))
+                .bind::<BigInt, _>(id.0)
+                .load(c)
+                .await?;
+        let rows_total = counted.pop().map(|r| r.n).unwrap_or(0).max(0);
+        let plan = slices(rule.partitions_for(rows_total as u64));
+        let count = plan.len() as i16;
+        diesel::sql_query("UPDATE campaigns SET partition_count = ?, planned_rows = ? WHERE id = ?")
+            .bind::<SmallInt, _>(count)
+            .bind::<BigInt, _>(rows_total)
+            .bind::<BigInt, _>(id.0)
+            .execute(c)
+            .await?;
+        diesel::sql_query("DELETE FROM campaign_partitions WHERE campaign_id = ?")
+            .bind::<BigInt, _>(id.0)
+            .execute(c)
+            .await?;
+        for s in &plan {
+            diesel::sql_query(
+                "INSERT INTO campaign_partitions \
+                 (campaign_id, partition_no, partition_count, bucket_lo, bucket_hi) \
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind::<BigInt, _>(id.0)
+            .bind::<SmallInt, _>(s.partition_no as i16)
+            .bind::<SmallInt, _>(s.partition_count as i16)
+            .bind::<SmallInt, _>(s.bucket_lo as i16)
+            .bind::<SmallInt, _>(s.bucket_hi as i16)
+            .execute(c)
+            .await?;
+        }
+        let detail = format!("{{\"rows\":{rows_total},\"partitions\":{count}}}");
+        record_event(c, Some(id), "PLANNED", None, actor, Some(&detail)).await?;
+        Ok(plan)
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Target rows
+
+/// Puts rows a dead process left IN_FLIGHT in the given slice back to PENDING. They keep their
+/// attempt count and idempotency key, so resending them is answered by Money with a replay if
+/// the earlier attempt went through. Only the slice's owner may call this.
+pub async fn recover_in_flight(
+    conn: &mut AsyncMysqlConnection,
+    table: &str,
+    id: CampaignId,
+    slice: &PartitionSlice,
+) -> QResult<usize> {
+    diesel::sql_query(format!(
+        "UPDATE {table} SET status = 'PENDING', claimed_by = NULL, updated_at = NOW(3) \
+         WHERE event_id = ? AND status = 'IN_FLIGHT' AND bucket >= ? AND bucket < ?"
+    ))
+    .bind::<BigInt, _>(id.0)
+    .bind::<SmallInt, _>(slice.bucket_lo as i16)
+    .bind::<SmallInt, _>(slice.bucket_hi as i16)
+    .execute(conn)
+    .await
+}
+
+/// A claimed row: its id and its attempt count including the attempt just claimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claimed {
+    pub target: TargetId,
+    pub attempts: i32,
+}
+
+#[derive(QueryableByName)]
+struct ClaimRow {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Integer)]
+    attempts: i32,
+}
+
+/// Claims up to `limit` PENDING rows of one partition: locks their ids (`SKIP LOCKED`), marks
+/// them IN_FLIGHT and counts the attempt, in one short transaction.
+pub async fn claim(
+    conn: &mut AsyncMysqlConnection,
+    table: &str,
+    id: CampaignId,
+    slice: &PartitionSlice,
+    limit: u32,
+    owner: &str,
+) -> QResult<Vec<Claimed>> {
+    conn.transaction(async |c| {
+        let rows: Vec<ClaimRow> = diesel::sql_query(format!(
+            "SELECT id, attempts FROM {table} \
+             WHERE event_id = ? AND status = 'PENDING' AND bucket >= ? AND bucket < ? \
+             LIMIT ? FOR UPDATE SKIP LOCKED"
+        ))
+        .bind::<BigInt, _>(id.0)
+        .bind::<SmallInt, _>(slice.bucket_lo as i16)
+        .bind::<SmallInt, _>(slice.bucket_hi as i16)
+        .bind::<BigInt, _>(i64::from(limit))
+        .load(c)
+        .await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "UPDATE {table} SET status = 'IN_FLIGHT', attempts = attempts + 1, claimed_by = ?, \
+             updated_at = NOW(3) WHERE id IN ({})",
+            placeholders(rows.len())
+        );
+        let mut q: BoxedSqlQuery<'_, Mysql, _> = diesel::sql_query(sql).into_boxed();
+        q = q.bind::<Text, _>(owner.to_owned());
+        for r in &rows {
+            q = q.bind::<BigInt, _>(r.id);
+        }
+        q.execute(c).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Claimed { target: TargetId(r.id), attempts: r.attempts + 1 })
+            .collect())
+    })
+    .await
+}
+
+/// Loads rows by id with the kind's column list.
+pub async fn load_rows<R>(
+    conn: &mut AsyncMysqlConnection,
+    table: &str,
+    columns: &str,
+    ids: &[TargetId],
+) -> QResult<Vec<R>>
+where
+    R: QueryableByName<Mysql> + Send + 'static,
+{
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = format!("SELECT {columns} FROM {table} WHERE id IN ({})", placeholders(ids.len()));
+    let mut q = diesel::sql_query(sql).into_boxed::<Mysql>();
+    for id in ids {
+        q = q.bind::<BigInt, _>(id.0);
+    }
+    q.load(conn).await
+}
+
+/// What became of one claimed row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Money granted it (or replayed the grant).
+    Granted { transaction_id: String },
+    /// Not granted; tried again after `after`.
+    Retry { after: Duration, error: String },
+    /// Given up: DEAD with a dead letter.
+    Dead { code: String, message: String },
+    /// Never sent (the campaign stopped first): back to PENDING, the attempt not counted.
+    Released,
+}
+
+/// One row's outcome, fenced by the attempt count of its claim.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowOutcome {
+    pub target: TargetId,
+    pub attempts: i32,
+    pub outcome: Outcome,
+}
+
+/// Writes a batch of outcomes in one transaction (one statement per outcome class).
+pub async fn write_outcomes(
+    conn: &mut AsyncMysqlConnection,
+    table: &str,
+    kind: &str,
+    id: CampaignId,
+    outcomes: &[RowOutcome],
+) -> QResult<()> {
+    let mut granted = Vec::new();
+    let mut retry = Vec::new();
+    let mut dead = Vec::new();
+    let mut released = Vec::new();
+    for o in outcomes {
+        match &o.outcome {
+            Outcome::Granted { transaction_id } => granted.push((o, transaction_id)),
+            Outcome::Retry { after, error } => retry.push((o, after, error)),
+            Outcome::Dead { code, message } => dead.push((o, code, message)),
+            Outcome::Released => released.push(o),
+        }
+    }
+    conn.transaction(async |c| {
+        if !granted.is_empty() {
+            let sql = format!(
+                "UPDATE {table} t JOIN ({}) v ON t.id = v.id \
+                 SET t.status = 'SUCCEEDED', t.transaction_id = v.tx, t.last_error = NULL, \
+                 t.next_attempt_at = NULL, t.updated_at = NOW(3)",
+                values_table(&["id", "tx"], granted.len())
+            );
+            let mut q = diesel::sql_query(sql).into_boxed::<Mysql>();
+            for (o, tx) in &granted {
+                q = q.bind::<BigInt, _>(o.target.0).bind::<Text, _>(truncate(tx, 128));
+            }
+            q.execute(c).await?;
+        }
+        if !retry.is_empty() {
+            let sql = format!(
+                "UPDATE {table} t JOIN ({}) v ON t.id = v.id AND t.attempts = v.att \
+                 SET t.status = 'FAILED', t.last_error = v.err, \
+                 t.next_attempt_at = NOW(3) + INTERVAL v.delay_us MICROSECOND, t.updated_at = NOW(3) \
+                 WHERE t.status = 'IN_FLIGHT'",
+                values_table(&["id", "att", "err", "delay_us"], retry.len())
+            );
+            let mut q = diesel::sql_query(sql).into_boxed::<Mysql>();
+            for (o, after, error) in &retry {
+                q = q
+                    .bind::<BigInt, _>(o.target.0)
+                    .bind::<Integer, _>(o.attempts)
+                    .bind::<Text, _>(truncate(error, MAX_ERROR_CHARS))
+                    .bind::<BigInt, _>(i64::try_from(after.as_micros()).unwrap_or(i64::MAX));
+            }
+            q.execute(c).await?;
+        }
+        if !dead.is_empty() {
+            let sql = format!(
+                "UPDATE {table} t JOIN ({}) v ON t.id = v.id AND t.attempts = v.att \
+                 SET t.status = 'DEAD', t.last_error = v.err, t.next_attempt_at = NULL, \
+                 t.updated_at = NOW(3) WHERE t.status = 'IN_FLIGHT'",
+                values_table(&["id", "att", "err"], dead.len())
+            );
+            let mut q = diesel::sql_query(sql).into_boxed::<Mysql>();
+            for (o, code, message) in &dead {
+                q = q
+                    .bind::<BigInt, _>(o.target.0)
+                    .bind::<Integer, _>(o.attempts)
+                    .bind::<Text, _>(truncate(&format!("{code}: {message}"), MAX_ERROR_CHARS));
+            }
+            q.execute(c).await?;
+            // One unresolved dead letter per DEAD row; a retried write adds nothing.
+            let sql = format!(
+                "INSERT INTO dead_letters \
+                 (campaign_id, target_kind, target_id, error_code, error_message, attempts) \
+                 SELECT ?, ?, t.id, v.code, v.msg, t.attempts FROM ({}) v \
+                 JOIN {table} t ON t.id = v.id AND t.attempts = v.att \
+                 WHERE t.status = 'DEAD' AND NOT EXISTS (SELECT 1 FROM dead_letters d \
+                 WHERE d.target_kind = ? AND d.target_id = t.id AND d.resolved_at IS NULL)",
+                values_table(&["id", "att", "code", "msg"], dead.len())
+            );
+            let mut q = diesel::sql_query(sql)
+                .into_boxed::<Mysql>()
+                .bind::<BigInt, _>(id.0)
+                .bind::<Text, _>(kind.to_owned());
+            for (o, code, message) in &dead {
+                q = q
+                    .bind::<BigInt, _>(o.target.0)
+                    .bind::<Integer, _>(o.attempts)
+                    .bind::<Text, _>(truncate(code, 64))
+                    .bind::<Text, _>(truncate(message, MAX_ERROR_CHARS));
+            }
+            q = q.bind::<Text, _>(kind.to_owned());
+            q.execute(c).await?;
+        }
+        if !released.is_empty() {
+            let sql = format!(
+                "UPDATE {table} t JOIN ({}) v ON t.id = v.id AND t.attempts = v.att \
+                 SET t.status = 'PENDING', t.attempts = t.attempts - 1, t.claimed_by = NULL, \
+                 t.updated_at = NOW(3) WHERE t.status = 'IN_FLIGHT'",
+                values_table(&["id", "att"], released.len())
+            );
+            let mut q = diesel::sql_query(sql).into_boxed::<Mysql>();
+            for o in &released {
+                q = q.bind::<BigInt, _>(o.target.0).bind::<Integer, _>(o.attempts);
+            }
+            q.execute(c).await?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Moves a campaign's FAILED rows whose retry time has come back to PENDING.
+pub async fn requeue_due_failures(
+    conn: &mut AsyncMysqlConnection,
+    table: &str,
+    id: CampaignId,
+) -> QResult<usize> {
+    diesel::sql_query(format!(
+        "UPDATE {table} SET status = 'PENDING', updated_at = NOW(3) \
+         WHERE event_id = ? AND status = 'FAILED' AND next_attempt_at <= NOW(3)"
+    ))
+    .bind::<BigInt, _>(id.0)
+    .execute(conn)
+    .await
+}
+
+/// Wait until the earliest FAILED row of a campaign is due (None when there is none).
+pub async fn next_retry_due_in(
+    conn: &mut AsyncMysqlConnection,
+    table: &str,
+    id: CampaignId,
+) -> QResult<Option<Duration>> {
+    #[derive(QueryableByName)]
+    struct DueRow {
+        #[diesel(sql_type = Nullable<BigInt>)]
+        ms: Option<i64>,
+    }
+    let mut rows: Vec<DueRow> = diesel::sql_query(format!(
+        "SELECT CAST(TIMESTAMPDIFF(MICROSECOND, NOW(3), MIN(next_attempt_at)) / 1000 AS SIGNED) AS ms \
+         FROM {table} WHERE event_id = ? AND status = 'FAILED'"
+    ))
+    .bind::<BigInt, _>(id.0)
+    .load(conn)
+    .await?;
+    Ok(rows
+        .pop()
+        .and_then(|r| r.ms)
+        .map(|ms| Duration::from_millis(ms.max(0) as u64)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_tables_have_one_select_per_row() {
+        assert_eq!(values_table(&["id", "tx"], 1), "SELECT ? AS id, ? AS tx");
+        assert_eq!(
+            values_table(&["id", "tx"], 3),
+            "SELECT ? AS id, ? AS tx UNION ALL SELECT ?, ? UNION ALL SELECT ?, ?"
+        );
+        assert_eq!(placeholders(3), "?,?,?");
+    }
+
+    #[test]
+    fn truncation_respects_characters() {
+        assert_eq!(truncate("가나다", 2), "가나");
+        assert_eq!(truncate("ab", 5), "ab");
+    }
+}
