@@ -188,7 +188,12 @@ mod tests {
             (S::Completed, C::Stop, None),
         ];
         for (from, command, want) in table {
-            assert_eq!(from.apply(command).ok(), want, "{from} {}", command.as_str());
+            assert_eq!(
+                from.apply(command).ok(),
+                want,
+                "{from} {}",
+                command.as_str()
+            );
         }
     }
 

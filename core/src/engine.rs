@@ -135,7 +135,10 @@ struct Gate {
 
 impl Gate {
     fn new() -> Gate {
-        Gate { token: CancellationToken::new(), reason: Arc::new(Mutex::new(None)) }
+        Gate {
+            token: CancellationToken::new(),
+            reason: Arc::new(Mutex::new(None)),
+        }
     }
 
     fn close(&self, why: StopReason) {
@@ -189,7 +192,14 @@ impl Engine {
         limiter: RateLimiter,
         settings: EngineSettings,
     ) -> Engine {
-        Engine { pool, kinds, money, limiter, settings, stats: Arc::new(Stats::default()) }
+        Engine {
+            pool,
+            kinds,
+            money,
+            limiter,
+            settings,
+            stats: Arc::new(Stats::default()),
+        }
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -214,7 +224,9 @@ impl Engine {
             if shutdown.is_cancelled() {
                 break;
             }
-            let current = fresh.take().unwrap_or_else(|| queue.borrow_and_update().clone());
+            let current = fresh
+                .take()
+                .unwrap_or_else(|| queue.borrow_and_update().clone());
             let Some(head) = current.into_iter().next() else {
                 tokio::select! {
                     _ = queue.changed() => continue,
@@ -247,7 +259,11 @@ impl Engine {
 
     /// Runs one campaign until it completes, stops being RUNNING, or `shutdown`.
     #[tracing::instrument(skip_all, fields(campaign.id = %campaign.id, campaign.kind = %campaign.kind))]
-    pub async fn run_campaign(&self, campaign: CampaignRow, shutdown: &CancellationToken) -> RunEnd {
+    pub async fn run_campaign(
+        &self,
+        campaign: CampaignRow,
+        shutdown: &CancellationToken,
+    ) -> RunEnd {
         let id = campaign.id();
         let actor = format!("daemon:{}", self.settings.instance_id);
         let Some(kind) = self.kinds.get(&campaign.kind) else {
@@ -276,7 +292,13 @@ impl Engine {
         let give_up = CancellationToken::new();
 
         let mut tasks = JoinSet::new();
-        tasks.spawn(gate_loop(self.pool.clone(), id, self.settings.gate_poll, gate.clone(), shutdown.clone()));
+        tasks.spawn(gate_loop(
+            self.pool.clone(),
+            id,
+            self.settings.gate_poll,
+            gate.clone(),
+            shutdown.clone(),
+        ));
 
         let (job_tx, job_rx) = mpsc::channel::<Job>(self.settings.max_in_flight.max(64) * 2);
         let mut workers = JoinSet::new();
@@ -293,7 +315,11 @@ impl Engine {
                 stats: self.stats.clone(),
                 give_up: give_up.clone(),
             };
-            writers.spawn(writer.run(out_rx).instrument(info_span!("writer", partition = i)));
+            writers.spawn(
+                writer
+                    .run(out_rx)
+                    .instrument(info_span!("writer", partition = i)),
+            );
             let worker = Worker {
                 pool: self.pool.clone(),
                 kind: kind.clone(),
@@ -373,10 +399,13 @@ impl Engine {
             Some(StopReason::Shutdown) | None => RunEnd::Shutdown,
             Some(StopReason::DatabaseUnavailable) => RunEnd::DatabaseUnavailable,
             Some(StopReason::Unauthorized) => {
-                let reason = "Money rejected the API key (HTTP 401): fix money.api_key, then resume";
+                let reason =
+                    "Money rejected the API key (HTTP 401): fix money.api_key, then resume";
                 error!(campaign.id = %id, "{reason}; pausing the campaign");
                 if let Ok(mut c) = conn(&self.pool).await {
-                    if let Err(e) = repo::pause_by_daemon(&mut c, id, "DAEMON", reason, &actor).await {
+                    if let Err(e) =
+                        repo::pause_by_daemon(&mut c, id, "DAEMON", reason, &actor).await
+                    {
                         error!(campaign.id = %id, error = %e, "could not pause the campaign");
                     }
                 }
@@ -396,8 +425,14 @@ impl Engine {
         if repo::campaign_status(&mut c, id).await?.as_deref() != Some("RUNNING") {
             return Ok(None);
         }
-        let plan =
-            repo::ensure_plan(&mut c, kind.table(), id, self.settings.partition_rule, actor).await?;
+        let plan = repo::ensure_plan(
+            &mut c,
+            kind.table(),
+            id,
+            self.settings.partition_rule,
+            actor,
+        )
+        .await?;
         let mut recovered = 0;
         for slice in &plan {
             recovered += repo::recover_in_flight(&mut c, kind.table(), id, slice).await?;
@@ -409,7 +444,12 @@ impl Engine {
         Ok(Some(plan))
     }
 
-    async fn try_complete(&self, table: &str, id: CampaignId, actor: &str) -> Result<bool, DbError> {
+    async fn try_complete(
+        &self,
+        table: &str,
+        id: CampaignId,
+        actor: &str,
+    ) -> Result<bool, DbError> {
         let mut c = conn(&self.pool).await?;
         Ok(repo::complete_if_done(&mut c, table, id, actor).await?)
     }
@@ -542,14 +582,25 @@ impl Worker {
             claimed.iter().map(|c| (c.target, c.attempts)).collect();
         let mut seen = 0usize;
         for p in prepared {
-            let Some(&att) = attempts.get(&p.target) else { continue };
+            let Some(&att) = attempts.get(&p.target) else {
+                continue;
+            };
             seen += 1;
             match p.request {
-                Err(invalid) => {
-                    self.emit(p.target, att, Outcome::Dead { code: invalid.code, message: invalid.message })
-                }
+                Err(invalid) => self.emit(
+                    p.target,
+                    att,
+                    Outcome::Dead {
+                        code: invalid.code,
+                        message: invalid.message,
+                    },
+                ),
                 Ok(request) => {
-                    let job = Job { request, attempts: att, outcomes: self.outcomes.clone() };
+                    let job = Job {
+                        request,
+                        attempts: att,
+                        outcomes: self.outcomes.clone(),
+                    };
                     if self.gate.is_closed() {
                         job.release();
                         continue;
@@ -570,13 +621,18 @@ impl Worker {
         if seen < claimed.len() {
             // A claimed id that could not be loaded (deleted meanwhile): let it go.
             warn!(campaign.id = %self.campaign, missing = claimed.len() - seen, "claimed rows vanished before loading");
-            self.outstanding.fetch_sub(claimed.len() - seen, Ordering::SeqCst);
+            self.outstanding
+                .fetch_sub(claimed.len() - seen, Ordering::SeqCst);
         }
         Ok(claimed.len())
     }
 
     fn emit(&self, target: TargetId, attempts: i32, outcome: Outcome) {
-        let _ = self.outcomes.send(RowOutcome { target, attempts, outcome });
+        let _ = self.outcomes.send(RowOutcome {
+            target,
+            attempts,
+            outcome,
+        });
     }
 }
 
@@ -676,13 +732,20 @@ pub fn decide(
     unit: f64,
 ) -> Outcome {
     let err = match result {
-        Ok(g) => return Outcome::Granted { transaction_id: g.transaction_id },
+        Ok(g) => {
+            return Outcome::Granted {
+                transaction_id: g.transaction_id,
+            };
+        }
         Err(e) => e,
     };
     let attempts_u = u32::try_from(attempts.max(1)).unwrap_or(1);
     let retry_after = match err.disposition() {
         Disposition::Permanent => {
-            return Outcome::Dead { code: err.code(), message: err.to_string() };
+            return Outcome::Dead {
+                code: err.code(),
+                message: err.to_string(),
+            };
         }
         // Money did not process the request: it was never attempted as far as Money knows.
         Disposition::Configuration => return Outcome::Released,
@@ -754,9 +817,15 @@ impl Writer {
         loop {
             let attempt = async {
                 let mut c = conn(&self.pool).await?;
-                repo::write_outcomes(&mut c, self.kind.table(), self.kind.kind(), self.campaign, buf)
-                    .await
-                    .map_err(DbError::from)
+                repo::write_outcomes(
+                    &mut c,
+                    self.kind.table(),
+                    self.kind.kind(),
+                    self.campaign,
+                    buf,
+                )
+                .await
+                .map_err(DbError::from)
             };
             match attempt.await {
                 Ok(()) => {
@@ -803,21 +872,56 @@ mod tests {
     #[test]
     fn answers_become_row_outcomes() {
         let p = RetryPolicy::default();
-        let ok = decide(Ok(Granted { transaction_id: "t".into(), replayed: false }), 1, &p, 0.5);
-        assert_eq!(ok, Outcome::Granted { transaction_id: "t".into() });
+        let ok = decide(
+            Ok(Granted {
+                transaction_id: "t".into(),
+                replayed: false,
+            }),
+            1,
+            &p,
+            0.5,
+        );
+        assert_eq!(
+            ok,
+            Outcome::Granted {
+                transaction_id: "t".into()
+            }
+        );
 
-        let rejected = MoneyError::Rejected { status: 404, code: "customer_not_found".into(), message: String::new() };
-        assert!(matches!(decide(Err(rejected), 1, &p, 0.5), Outcome::Dead { code, .. } if code == "customer_not_found"));
+        let rejected = MoneyError::Rejected {
+            status: 404,
+            code: "customer_not_found".into(),
+            message: String::new(),
+        };
+        assert!(
+            matches!(decide(Err(rejected), 1, &p, 0.5), Outcome::Dead { code, .. } if code == "customer_not_found")
+        );
 
         let first = decide(Err(MoneyError::Timeout), 1, &p, 0.5);
         assert!(matches!(first, Outcome::Retry { after, .. } if after == Duration::from_secs(3)));
-        let fifth = decide(Err(MoneyError::Server { status: 503, code: String::new() }), 5, &p, 0.5);
+        let fifth = decide(
+            Err(MoneyError::Server {
+                status: 503,
+                code: String::new(),
+            }),
+            5,
+            &p,
+            0.5,
+        );
         assert!(matches!(fifth, Outcome::Retry { after, .. } if after == Duration::from_secs(48)));
         let sixth = decide(Err(MoneyError::Timeout), 6, &p, 0.5);
         assert!(matches!(sixth, Outcome::Dead { code, .. } if code == "timeout"));
 
-        assert_eq!(decide(Err(MoneyError::Unauthorized), 1, &p, 0.5), Outcome::Released);
-        let limited = MoneyError::RateLimited { status: 429, retry_after: Some(Duration::from_secs(10)) };
-        assert!(matches!(decide(Err(limited), 1, &p, 0.5), Outcome::Retry { after, .. } if after == Duration::from_secs(10)));
+        assert_eq!(
+            decide(Err(MoneyError::Unauthorized), 1, &p, 0.5),
+            Outcome::Released
+        );
+        let limited = MoneyError::RateLimited {
+            status: 429,
+            retry_after: Some(Duration::from_secs(10)),
+        };
+        assert!(
+            matches!(decide(Err(limited), 1, &p, 0.5), Outcome::Retry { after, .. } if after == Duration::from_secs(10))
+        );
     }
 }

@@ -67,7 +67,12 @@ impl GrantRequest {
             code: "unserialisable_row".to_owned(),
             message: format!("the row cannot be serialised to JSON: {e}"),
         })?;
-        Ok(GrantRequest { target, endpoint, idempotency_key, body: Bytes::from(body) })
+        Ok(GrantRequest {
+            target,
+            endpoint,
+            idempotency_key,
+            body: Bytes::from(body),
+        })
     }
 }
 
@@ -81,7 +86,10 @@ pub struct InvalidRow {
 
 impl InvalidRow {
     pub fn field(field: &str, message: impl Into<String>) -> InvalidRow {
-        InvalidRow { code: format!("invalid_{field}"), message: message.into() }
+        InvalidRow {
+            code: format!("invalid_{field}"),
+            message: message.into(),
+        }
     }
 }
 
@@ -234,7 +242,8 @@ impl KindRegistry {
     }
 
     pub fn register<K: PayoutKind>(&mut self) -> &mut KindRegistry {
-        self.kinds.insert(K::KIND, Arc::new(Erased::<K>(std::marker::PhantomData)));
+        self.kinds
+            .insert(K::KIND, Arc::new(Erased::<K>(std::marker::PhantomData)));
         self
     }
 
@@ -294,7 +303,10 @@ mod tests {
         assert!(check_text("reason", &"가".repeat(255), 255).is_ok());
         assert!(check_text("reason", &"가".repeat(256), 255).is_err());
         let empty = check_text("customer_uid", "", 64);
-        assert_eq!(empty.map_err(|e| e.code), Err("invalid_customer_uid".to_owned()));
+        assert_eq!(
+            empty.map_err(|e| e.code),
+            Err("invalid_customer_uid".to_owned())
+        );
     }
 
     #[test]
@@ -304,5 +316,81 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(a.as_str(), "point-43-1234567");
         assert!(a.is_valid());
+    }
+}
+
+/// Checks every kind must pass; each kind crate runs them from its tests with sample rows.
+pub mod conformance {
+    use super::*;
+
+    /// Sample rows a kind provides for the conformance suite.
+    pub trait Samples: PayoutKind {
+        /// A valid row with the given id.
+        fn valid(campaign: CampaignId, id: TargetId) -> Self::Row;
+        /// Invalid rows, each with the error code it must produce.
+        fn invalid(campaign: CampaignId) -> Vec<(Self::Row, &'static str)>;
+    }
+
+    /// A context with the contract's defaults at a fixed moment.
+    pub fn context() -> ValidationContext {
+        ValidationContext {
+            now: Utc
+                .with_ymd_and_hms(2026, 11, 25, 0, 0, 0)
+                .single()
+                .unwrap_or_default(),
+            max_point_amount: 1_000_000,
+            expiry_offset: FixedOffset::east_opt(9 * 3600).unwrap_or(Utc.fix()),
+        }
+    }
+
+    use chrono::Offset;
+
+    /// Runs the whole suite; returns the first violation.
+    pub fn check<K: Samples>() -> Result<(), String> {
+        let ctx = context();
+        let campaign = CampaignId(43);
+        let row = K::valid(campaign, TargetId(1_234_567));
+        let a =
+            K::to_request(campaign, &row, &ctx).map_err(|e| format!("valid row rejected: {e}"))?;
+        let b =
+            K::to_request(campaign, &row, &ctx).map_err(|e| format!("valid row rejected: {e}"))?;
+        if a.target != K::target_id(&row) {
+            return Err("request target differs from the row id".into());
+        }
+        if a.idempotency_key != K::idempotency_key(campaign, a.target) {
+            return Err("request does not carry the kind's idempotency key".into());
+        }
+        if a.idempotency_key != b.idempotency_key || a.body != b.body {
+            return Err("two builds of one row differ: key and body must be identical".into());
+        }
+        if !a.idempotency_key.is_valid() {
+            return Err(format!(
+                "idempotency key {} is not 1-128 printable ASCII",
+                a.idempotency_key
+            ));
+        }
+        if a.endpoint != K::ENDPOINT {
+            return Err("request endpoint differs from ENDPOINT".into());
+        }
+        let other = K::to_request(campaign, &K::valid(campaign, TargetId(7)), &ctx)
+            .map_err(|e| format!("valid row rejected: {e}"))?;
+        if other.idempotency_key == a.idempotency_key {
+            return Err("two rows share an idempotency key".into());
+        }
+        let body: serde_json::Value =
+            serde_json::from_slice(&a.body).map_err(|e| format!("body is not JSON: {e}"))?;
+        if body.get("campaign_id").and_then(|v| v.as_i64()) != Some(campaign.0) {
+            return Err("body lacks campaign_id".into());
+        }
+        for (row, code) in K::invalid(campaign) {
+            match K::to_request(campaign, &row, &ctx) {
+                Ok(_) => return Err(format!("an invalid row ({code}) was accepted")),
+                Err(e) if e.code != code => {
+                    return Err(format!("expected {code}, got {}: {}", e.code, e.message));
+                }
+                Err(_) => {}
+            }
+        }
+        Ok(())
     }
 }

@@ -16,4 +16,6 @@ pub mod retry;
 pub mod sweep;
 
 pub use domain::{CampaignId, CampaignStatus, TargetId, TargetStatus};
-pub use kind::{GrantRequest, IdempotencyKey, InvalidRow, KindRegistry, PayoutKind, ValidationContext};
+pub use kind::{
+    GrantRequest, IdempotencyKey, InvalidRow, KindRegistry, PayoutKind, ValidationContext,
+};

@@ -38,12 +38,19 @@ impl Pacing {
     /// The pacing that keeps every one-second window at or under `limit_per_sec`.
     pub fn for_limit(limit_per_sec: NonZeroU32) -> Pacing {
         let limit = u64::from(limit_per_sec.get());
-        let burst: u64 = if limit < 100 { 1 } else { (limit / 250).clamp(2, 8) };
+        let burst: u64 = if limit < 100 {
+            1
+        } else {
+            (limit / 250).clamp(2, 8)
+        };
         let window_ns = 1_000_000_000u64 + JITTER_SLACK.as_nanos() as u64;
         let slots = limit - burst + 1;
         // Round the period up: rounding down would let one more permit into a window.
         let period_ns = window_ns.div_ceil(slots);
-        Pacing { period: Duration::from_nanos(period_ns), burst: burst as u32 }
+        Pacing {
+            period: Duration::from_nanos(period_ns),
+            burst: burst as u32,
+        }
     }
 
     /// Permits per second this pacing yields in the long run.
@@ -77,7 +84,11 @@ impl Current {
         let quota = Quota::with_period(pacing.period)
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
             .allow_burst(NonZeroU32::new(pacing.burst).unwrap_or(NonZeroU32::MIN));
-        Current { limit, pacing, limiter: DefaultDirectRateLimiter::direct(quota) }
+        Current {
+            limit,
+            pacing,
+            limiter: DefaultDirectRateLimiter::direct(quota),
+        }
     }
 }
 
@@ -93,7 +104,9 @@ impl std::fmt::Debug for RateLimiter {
 
 impl RateLimiter {
     pub fn new(limit_per_sec: NonZeroU32) -> RateLimiter {
-        RateLimiter { inner: Arc::new(RwLock::new(Arc::new(Current::new(limit_per_sec)))) }
+        RateLimiter {
+            inner: Arc::new(RwLock::new(Arc::new(Current::new(limit_per_sec)))),
+        }
     }
 
     fn current(&self) -> Arc<Current> {
@@ -140,10 +153,15 @@ mod tests {
 
     #[test]
     fn no_window_of_a_second_plus_slack_exceeds_the_limit() {
-        for limit in [1, 2, 3, 7, 10, 99, 100, 200, 333, 999, 1000, 1001, 5000, 20_000] {
+        for limit in [
+            1, 2, 3, 7, 10, 99, 100, 200, 333, 999, 1000, 1001, 5000, 20_000,
+        ] {
             let p = Pacing::for_limit(nz(limit));
             let worst = p.max_in_window(Duration::from_secs(1) + JITTER_SLACK);
-            assert!(worst <= u64::from(limit), "limit {limit}: {worst} in a window ({p:?})");
+            assert!(
+                worst <= u64::from(limit),
+                "limit {limit}: {worst} in a window ({p:?})"
+            );
         }
     }
 

@@ -103,19 +103,25 @@ impl CampaignRow {
 const CAMPAIGN_COLUMNS: &str = "id, kind, name, status, status_reason, paused_by, queued_at, \
      started_at, completed_at, partition_count, planned_rows";
 
-pub async fn campaign(conn: &mut AsyncMysqlConnection, id: CampaignId) -> QResult<Option<CampaignRow>> {
-    let mut rows: Vec<CampaignRow> =
-        diesel::sql_query(format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = ?"))
-            .bind::<BigInt, _>(id.0)
-            .load(conn)
-            .await?;
+pub async fn campaign(
+    conn: &mut AsyncMysqlConnection,
+    id: CampaignId,
+) -> QResult<Option<CampaignRow>> {
+    let mut rows: Vec<CampaignRow> = diesel::sql_query(format!(
+        "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = ?"
+    ))
+    .bind::<BigInt, _>(id.0)
+    .load(conn)
+    .await?;
     Ok(rows.pop())
 }
 
 pub async fn campaigns(conn: &mut AsyncMysqlConnection) -> QResult<Vec<CampaignRow>> {
-    diesel::sql_query(format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns ORDER BY id"))
-        .load(conn)
-        .await
+    diesel::sql_query(format!(
+        "SELECT {CAMPAIGN_COLUMNS} FROM campaigns ORDER BY id"
+    ))
+    .load(conn)
+    .await
 }
 
 #[derive(QueryableByName)]
@@ -207,11 +213,13 @@ pub async fn apply_command(
                 .load(c)
                 .await?;
         let from = rows.pop().ok_or(CommandError::UnknownCampaign(id))?.status;
-        let from =
-            CampaignStatus::parse(&from).map_err(|e| CommandError::BadStatus(id, e.0))?;
+        let from = CampaignStatus::parse(&from).map_err(|e| CommandError::BadStatus(id, e.0))?;
         let to = from
             .apply(command)
-            .map_err(|source| CommandError::Illegal { campaign: id, source })?;
+            .map_err(|source| CommandError::Illegal {
+                campaign: id,
+                source,
+            })?;
         let paused_by = match to {
             CampaignStatus::Paused => Some("OPERATOR"),
             CampaignStatus::Ready
@@ -264,9 +272,17 @@ pub async fn pause_by_daemon(
         .execute(c)
         .await?;
         if n > 0 {
-            let detail = serde_json::json!({ "paused_by": paused_by, "reason": reason }).to_string();
-            record_event(c, Some(id), "STATUS_CHANGED", Some(("RUNNING", "PAUSED")), actor, Some(&detail))
-                .await?;
+            let detail =
+                serde_json::json!({ "paused_by": paused_by, "reason": reason }).to_string();
+            record_event(
+                c,
+                Some(id),
+                "STATUS_CHANGED",
+                Some(("RUNNING", "PAUSED")),
+                actor,
+                Some(&detail),
+            )
+            .await?;
         }
         Ok(n > 0)
     })
@@ -275,10 +291,12 @@ pub async fn pause_by_daemon(
 
 /// Notes the first send of a campaign.
 pub async fn mark_started(conn: &mut AsyncMysqlConnection, id: CampaignId) -> QResult<()> {
-    diesel::sql_query("UPDATE campaigns SET started_at = NOW(3) WHERE id = ? AND started_at IS NULL")
-        .bind::<BigInt, _>(id.0)
-        .execute(conn)
-        .await?;
+    diesel::sql_query(
+        "UPDATE campaigns SET started_at = NOW(3) WHERE id = ? AND started_at IS NULL",
+    )
+    .bind::<BigInt, _>(id.0)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -343,7 +361,11 @@ pub async fn count_by_status(
     .await?;
     Ok(rows
         .into_iter()
-        .filter_map(|r| TargetStatus::parse(&r.status).ok().map(|s| (s, r.n.max(0) as u64)))
+        .filter_map(|r| {
+            TargetStatus::parse(&r.status)
+                .ok()
+                .map(|s| (s, r.n.max(0) as u64))
+        })
         .collect())
 }
 
@@ -370,20 +392,23 @@ pub async fn ensure_plan(
         if let Some(n) = rows.pop().and_then(|r| r.partition_count) {
             return Ok(slices(u16::try_from(n).unwrap_or(1)));
         }
-        let mut counted: Vec<CountRow> =
-            diesel::sql_query(format!("SELECT COUNT(*) AS n FROM {table} WHERE event_id = ?"))
-                .bind::<BigInt, _>(id.0)
-                .load(c)
-                .await?;
+        let mut counted: Vec<CountRow> = diesel::sql_query(format!(
+            "SELECT COUNT(*) AS n FROM {table} WHERE event_id = ?"
+        ))
+        .bind::<BigInt, _>(id.0)
+        .load(c)
+        .await?;
         let rows_total = counted.pop().map(|r| r.n).unwrap_or(0).max(0);
         let plan = slices(rule.partitions_for(rows_total as u64));
         let count = plan.len() as i16;
-        diesel::sql_query("UPDATE campaigns SET partition_count = ?, planned_rows = ? WHERE id = ?")
-            .bind::<SmallInt, _>(count)
-            .bind::<BigInt, _>(rows_total)
-            .bind::<BigInt, _>(id.0)
-            .execute(c)
-            .await?;
+        diesel::sql_query(
+            "UPDATE campaigns SET partition_count = ?, planned_rows = ? WHERE id = ?",
+        )
+        .bind::<SmallInt, _>(count)
+        .bind::<BigInt, _>(rows_total)
+        .bind::<BigInt, _>(id.0)
+        .execute(c)
+        .await?;
         diesel::sql_query("DELETE FROM campaign_partitions WHERE campaign_id = ?")
             .bind::<BigInt, _>(id.0)
             .execute(c)
@@ -485,7 +510,10 @@ pub async fn claim(
         q.execute(c).await?;
         Ok(rows
             .into_iter()
-            .map(|r| Claimed { target: TargetId(r.id), attempts: r.attempts + 1 })
+            .map(|r| Claimed {
+                target: TargetId(r.id),
+                attempts: r.attempts + 1,
+            })
             .collect())
     })
     .await
@@ -504,7 +532,10 @@ where
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let sql = format!("SELECT {columns} FROM {table} WHERE id IN ({})", placeholders(ids.len()));
+    let sql = format!(
+        "SELECT {columns} FROM {table} WHERE id IN ({})",
+        placeholders(ids.len())
+    );
     let mut q = diesel::sql_query(sql).into_boxed::<Mysql>();
     for id in ids {
         q = q.bind::<BigInt, _>(id.0);
