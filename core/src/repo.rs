@@ -187,11 +187,10 @@ pub async fn record_event(
 pub enum CommandError {
     #[error("campaign {0} does not exist")]
     UnknownCampaign(CampaignId),
-    #[error("campaign {campaign}: {source}")]
+    #[error("campaign {campaign}: {reason}")]
     Illegal {
         campaign: CampaignId,
-        #[source]
-        source: crate::domain::IllegalTransition,
+        reason: crate::domain::IllegalTransition,
     },
     #[error("campaign {0} has an unknown status {1:?}")]
     BadStatus(CampaignId, String),
@@ -216,9 +215,9 @@ pub async fn apply_command(
         let from = CampaignStatus::parse(&from).map_err(|e| CommandError::BadStatus(id, e.0))?;
         let to = from
             .apply(command)
-            .map_err(|source| CommandError::Illegal {
+            .map_err(|reason| CommandError::Illegal {
                 campaign: id,
-                source,
+                reason,
             })?;
         let paused_by = match to {
             CampaignStatus::Paused => Some("OPERATOR"),
@@ -227,14 +226,18 @@ pub async fn apply_command(
             | CampaignStatus::Stopped
             | CampaignStatus::Completed => None,
         };
+        // Entering RUNNING takes a place in the first-come-first-served queue (kept on resume).
         diesel::sql_query(
-            "UPDATE campaigns SET status = ?, paused_by = ?, status_reason = ? WHERE id = ?",
+            "UPDATE campaigns SET status = ?, paused_by = ?, status_reason = ?, \
+             queued_at = CASE WHEN ? THEN COALESCE(queued_at, NOW(3)) ELSE queued_at END \
+             WHERE id = ?",
         )
         .bind::<Text, _>(to.as_str())
         .bind::<Nullable<Text>, _>(paused_by)
         .bind::<Nullable<Text>, _>(
             (to != CampaignStatus::Running).then(|| format!("{} by {actor}", command.as_str())),
         )
+        .bind::<diesel::sql_types::Bool, _>(to == CampaignStatus::Running)
         .bind::<BigInt, _>(id.0)
         .execute(c)
         .await?;

@@ -1,0 +1,290 @@
+//! Issue 1/5: a whole campaign is paid end to end, once per row, within the rate limit, first
+//! come first served, and only while RUNNING.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use payout_tests::money_sim::SimConfig;
+
+use crate::support::*;
+
+/// id, status, attempts, transaction_id, last_error
+type FreshRow = (i64, String, i32, Option<String>, Option<String>);
+
+const LONG: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vouchers_and_points_with_shared_customers_are_each_granted_exactly_once()
+-> anyhow::Result<()> {
+    let _timing = shared().await;
+    let db = TestDb::new().await?;
+    let sim = sim(sim_config()).await?;
+    db.campaign(42, "VOUCHER", "winter vouchers").await?;
+    db.campaign(43, "POINT", "winter points").await?;
+    // The same customers u-000000.. appear in both campaigns.
+    db.load_vouchers(42, &voucher_rows(42, 10_000)).await?;
+    db.load_points(43, &point_rows(10_000)).await?;
+    db.exec("UPDATE campaigns SET status = 'RUNNING' WHERE id IN (42, 43)")
+        .await?;
+
+    let mut daemon = Daemon::start(
+        &db,
+        &sim.base_url(),
+        &[("PAYOUTD_MONEY__RATE_LIMIT_PER_SEC", "5000")],
+    )
+    .await?;
+    wait_status(&db, 42, "COMPLETED", LONG).await?;
+    wait_status(&db, 43, "COMPLETED", LONG).await?;
+    daemon.assert_alive()?;
+
+    assert_eq!(
+        db.counts("voucher_targets", 42).await?,
+        BTreeMap::from([("SUCCEEDED".to_owned(), 10_000)])
+    );
+    assert_eq!(
+        db.counts("point_targets", 43).await?,
+        BTreeMap::from([("SUCCEEDED".to_owned(), 10_000)])
+    );
+
+    // Every row's transaction id is the one Money granted under the row's key, exactly once.
+    let ledger = sim.ledger();
+    assert_eq!(ledger.grants_total, 20_000);
+    assert_eq!(ledger.duplicate_grants, 0);
+    assert_eq!(ledger.rate_limited_total, 0);
+    let grants: HashMap<String, String> = sim
+        .grants()
+        .into_iter()
+        .map(|g| (g.idempotency_key, g.transaction_id))
+        .collect();
+    assert_eq!(grants.len(), 20_000);
+    for (table, prefix, event) in [
+        ("voucher_targets", "voucher", 42),
+        ("point_targets", "point", 43),
+    ] {
+        let rows: Vec<(i64, Option<String>, i32)> = db
+            .query(&format!(
+                "SELECT id, transaction_id, attempts FROM {table} WHERE event_id = {event}"
+            ))
+            .await?;
+        for (id, tx, attempts) in rows {
+            let key = format!("{prefix}-{event}-{id}");
+            assert_eq!(tx.as_ref(), grants.get(&key), "row {key}");
+            assert_eq!(attempts, 1, "row {key}");
+        }
+    }
+    daemon.terminate(Duration::from_secs(15)).await?;
+    sim.shutdown().await;
+    db.drop_db().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn running_campaigns_are_served_first_come_first_served() -> anyhow::Result<()> {
+    let _timing = shared().await;
+    let db = TestDb::new().await?;
+    let sim = sim(sim_config()).await?;
+    // The later campaign has the smaller id: order must follow RUNNING time, not id.
+    db.campaign(7, "POINT", "second").await?;
+    db.campaign(9, "VOUCHER", "first").await?;
+    db.load_points(7, &point_rows(1_500)).await?;
+    db.load_vouchers(9, &voucher_rows(9, 1_500)).await?;
+    let (ok, _, err) = cli(&db, &["campaign", "start", "9"]).await?;
+    assert!(ok, "{err}");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The second is started directly in the database, as operators may.
+    db.exec("UPDATE campaigns SET status = 'RUNNING' WHERE id = 7")
+        .await?;
+
+    let daemon = Daemon::start(
+        &db,
+        &sim.base_url(),
+        &[("PAYOUTD_MONEY__RATE_LIMIT_PER_SEC", "1000")],
+    )
+    .await?;
+    wait_status(&db, 7, "COMPLETED", LONG).await?;
+    wait_status(&db, 9, "COMPLETED", LONG).await?;
+
+    let grants = sim.grants();
+    let last_first = grants
+        .iter()
+        .filter(|g| g.campaign_id == 9)
+        .map(|g| g.at_ms)
+        .max();
+    let first_second = grants
+        .iter()
+        .filter(|g| g.campaign_id == 7)
+        .map(|g| g.at_ms)
+        .min();
+    let (Some(last_first), Some(first_second)) = (last_first, first_second) else {
+        anyhow::bail!("both campaigns must have grants");
+    };
+    assert!(
+        last_first <= first_second,
+        "campaign 9 (RUNNING first) must be served before campaign 7: last grant of 9 at {last_first} ms, first of 7 at {first_second} ms"
+    );
+    daemon.terminate(Duration::from_secs(15)).await?;
+    sim.shutdown().await;
+    db.drop_db().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ready_and_paused_campaigns_receive_no_request() -> anyhow::Result<()> {
+    let _timing = shared().await;
+    let db = TestDb::new().await?;
+    let sim = sim(sim_config()).await?;
+    db.campaign(1, "VOUCHER", "ready").await?;
+    db.campaign(2, "POINT", "paused").await?;
+    db.campaign(3, "POINT", "running").await?;
+    db.load_vouchers(1, &voucher_rows(1, 300)).await?;
+    db.load_points(2, &point_rows(300)).await?;
+    db.load_points(3, &point_rows(300)).await?;
+    db.exec("UPDATE campaigns SET status = 'PAUSED' WHERE id = 2")
+        .await?;
+    db.exec("UPDATE campaigns SET status = 'RUNNING' WHERE id = 3")
+        .await?;
+
+    let daemon = Daemon::start(&db, &sim.base_url(), &[]).await?;
+    wait_status(&db, 3, "COMPLETED", LONG).await?;
+    // Give the daemon time to (wrongly) move on to the others.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let ledger = sim.ledger();
+    assert_eq!(
+        ledger.requests_total, 300,
+        "only the RUNNING campaign's rows are requested"
+    );
+    assert!(sim.grants().iter().all(|g| g.campaign_id == 3));
+    assert_eq!(
+        db.counts("voucher_targets", 1).await?,
+        BTreeMap::from([("PENDING".to_owned(), 300)])
+    );
+    assert_eq!(
+        db.counts("point_targets", 2).await?,
+        BTreeMap::from([("PENDING".to_owned(), 300)])
+    );
+    assert_eq!(db.status(1).await?, "READY");
+    assert_eq!(db.status(2).await?, "PAUSED");
+    daemon.terminate(Duration::from_secs(15)).await?;
+    sim.shutdown().await;
+    db.drop_db().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_a_limit_of_200_per_second_no_second_carries_more_than_200() -> anyhow::Result<()> {
+    let _timing = exclusive().await;
+    let db = TestDb::new().await?;
+    // Money enforces the same limit: any excess would show as a 429.
+    let sim = sim(SimConfig {
+        rate_limit_per_sec: 200,
+        latency_ms: 5,
+        latency_jitter_ms: 3,
+        ..sim_config()
+    })
+    .await?;
+    db.campaign(5, "POINT", "paced").await?;
+    db.load_points(5, &point_rows(1_400)).await?;
+    db.exec("UPDATE campaigns SET status = 'RUNNING' WHERE id = 5")
+        .await?;
+    let daemon = Daemon::start(
+        &db,
+        &sim.base_url(),
+        &[("PAYOUTD_MONEY__RATE_LIMIT_PER_SEC", "200")],
+    )
+    .await?;
+    wait_status(&db, 5, "COMPLETED", LONG).await?;
+
+    let ledger = sim.ledger();
+    assert!(ledger.max_requests_in_any_second <= 200, "{ledger:?}");
+    assert_eq!(ledger.rate_limited_total, 0, "{ledger:?}");
+    assert_eq!(ledger.grants_total, 1_400);
+    // The limit is used, not just respected.
+    assert!(ledger.max_requests_in_any_second >= 190, "{ledger:?}");
+    let (Some(first), Some(last)) = (ledger.first_grant_ms, ledger.last_grant_ms) else {
+        anyhow::bail!("no grants");
+    };
+    let rate = 1_399.0 / ((last - first) as f64 / 1000.0);
+    assert!((190.0..=200.5).contains(&rate), "achieved {rate:.1}/s");
+    daemon.terminate(Duration::from_secs(15)).await?;
+    sim.shutdown().await;
+    db.drop_db().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_partition_plan_follows_the_rule_and_is_stored() -> anyhow::Result<()> {
+    let _timing = shared().await;
+    let db = TestDb::new().await?;
+    let sim = sim(sim_config()).await?;
+    // Thresholds scaled down (configurable), rows at each boundary.
+    for (id, rows) in [(1, 9), (2, 10), (3, 19), (4, 20)] {
+        db.campaign(id, "POINT", "sized").await?;
+        db.load_points(id, &point_rows(rows)).await?;
+    }
+    db.exec("UPDATE campaigns SET status = 'RUNNING'").await?;
+    let daemon = Daemon::start(
+        &db,
+        &sim.base_url(),
+        &[
+            ("PAYOUTD_EXECUTOR__PARTITIONS_MEDIUM_FROM", "10"),
+            ("PAYOUTD_EXECUTOR__PARTITIONS_LARGE_FROM", "20"),
+        ],
+    )
+    .await?;
+    for id in 1..=4 {
+        wait_status(&db, id, "COMPLETED", LONG).await?;
+    }
+    let plans: Vec<(i64, i64, i64)> = db
+        .query("SELECT id, partition_count, planned_rows FROM campaigns ORDER BY id")
+        .await?;
+    assert_eq!(plans, vec![(1, 4, 9), (2, 6, 10), (3, 6, 19), (4, 8, 20)]);
+    let slices: Vec<(i64, i64, i64, i64)> = db
+        .query("SELECT campaign_id, COUNT(*), MIN(bucket_lo), MAX(bucket_hi) FROM campaign_partitions GROUP BY campaign_id")
+        .await?;
+    assert_eq!(
+        slices,
+        vec![
+            (1, 4, 0, 840),
+            (2, 6, 0, 840),
+            (3, 6, 0, 840),
+            (4, 8, 0, 840)
+        ]
+    );
+    daemon.terminate(Duration::from_secs(15)).await?;
+    sim.shutdown().await;
+    db.drop_db().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_loader_inserts_of_the_contract_work_unchanged() -> anyhow::Result<()> {
+    let _timing = shared().await;
+    let db = TestDb::new().await?;
+    // Verbatim from contract.md ("..." continuation rows dropped).
+    db.exec("INSERT INTO campaigns (id, kind, name) VALUES (42, 'VOUCHER', 'winter vouchers');")
+        .await?;
+    db.exec("INSERT INTO voucher_targets (event_id, customer_uid, voucher_number, reason) VALUES (42, 'u-1', 'V-1', 'winter sale');").await?;
+    db.exec("INSERT INTO campaigns (id, kind, name) VALUES (43, 'POINT', 'winter points');")
+        .await?;
+    db.exec("INSERT INTO point_targets (event_id, customer_uid, amount, expiry_at, reason) VALUES (43, 'u-1', 1500, '20271231235959', 'winter sale');").await?;
+    let campaigns: Vec<(i64, String, String, String)> = db
+        .query("SELECT id, kind, name, status FROM campaigns ORDER BY id")
+        .await?;
+    assert_eq!(
+        campaigns,
+        vec![
+            (
+                42,
+                "VOUCHER".into(),
+                "winter vouchers".into(),
+                "READY".into()
+            ),
+            (43, "POINT".into(), "winter points".into(), "READY".into())
+        ]
+    );
+    for table in ["voucher_targets", "point_targets"] {
+        let row: Vec<FreshRow> = db
+            .query(&format!(
+                "SELECT id, status, attempts, transaction_id, last_error FROM {table}"
+            ))
+            .await?;
+        assert_eq!(row, vec![(1, "PENDING".into(), 0, None, None)], "{table}");
+    }
+    db.drop_db().await
+}

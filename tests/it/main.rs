@@ -1,0 +1,6 @@
+//! payoutd's integration tests: a real MariaDB (a fresh database per test), the simulated Money
+//! server over real HTTP, and the real `payoutd` binary.
+
+mod cli_config;
+mod foundation;
+mod support;

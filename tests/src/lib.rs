@@ -1,0 +1,4 @@
+//! Shared helpers for payoutd's integration tests, and the simulated Money server
+//! ([`money_sim`]) that the tests and the `money-sim` binary run.
+
+pub mod money_sim;
