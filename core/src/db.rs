@@ -61,12 +61,7 @@ async fn establish(url: &str) -> diesel::ConnectionResult<AsyncMysqlConnection> 
     let opts = mysql_async::Opts::from_url(url)
         .map_err(|e| diesel::ConnectionError::InvalidConnectionUrl(e.to_string()))?;
     let builder = mysql_async::OptsBuilder::from_opts(opts)
-        .init(
-            SESSION_SETUP
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>(),
-        )
+        .init(SESSION_SETUP.iter().map(|s| s.to_string()).collect::<Vec<_>>())
         .stmt_cache_size(0)
         .client_found_rows(true);
     let conn = mysql_async::Conn::new(builder)
@@ -95,9 +90,7 @@ pub fn pool(settings: &DbSettings) -> Result<DbPool, DbError> {
 
 /// Takes a connection from the pool.
 pub async fn conn(pool: &DbPool) -> Result<DbConn, DbError> {
-    pool.get()
-        .await
-        .map_err(|e| DbError::Pool(scrub(&e.to_string())))
+    pool.get().await.map_err(|e| DbError::Pool(scrub(&e.to_string())))
 }
 
 /// Removes a password from a message that may quote a connection URL.

@@ -57,10 +57,7 @@ impl CampaignStatus {
     }
 
     pub fn parse(s: &str) -> Result<Self, UnknownStatus> {
-        Self::ALL
-            .into_iter()
-            .find(|v| v.as_str() == s)
-            .ok_or_else(|| UnknownStatus(s.to_owned()))
+        Self::ALL.into_iter().find(|v| v.as_str() == s).ok_or_else(|| UnknownStatus(s.to_owned()))
     }
 
     /// The status an operator's command leads to, or why it is not allowed from `self`.
@@ -141,10 +138,7 @@ impl TargetStatus {
     }
 
     pub fn parse(s: &str) -> Result<Self, UnknownStatus> {
-        Self::ALL
-            .into_iter()
-            .find(|v| v.as_str() == s)
-            .ok_or_else(|| UnknownStatus(s.to_owned()))
+        Self::ALL.into_iter().find(|v| v.as_str() == s).ok_or_else(|| UnknownStatus(s.to_owned()))
     }
 
     /// Terminal rows need nothing more from the daemon; a campaign completes when all are.
@@ -188,12 +182,7 @@ mod tests {
             (S::Completed, C::Stop, None),
         ];
         for (from, command, want) in table {
-            assert_eq!(
-                from.apply(command).ok(),
-                want,
-                "{from} {}",
-                command.as_str()
-            );
+            assert_eq!(from.apply(command).ok(), want, "{from} {}", command.as_str());
         }
     }
 

@@ -135,10 +135,7 @@ struct Gate {
 
 impl Gate {
     fn new() -> Gate {
-        Gate {
-            token: CancellationToken::new(),
-            reason: Arc::new(Mutex::new(None)),
-        }
+        Gate { token: CancellationToken::new(), reason: Arc::new(Mutex::new(None)) }
     }
 
     fn close(&self, why: StopReason) {
@@ -192,14 +189,7 @@ impl Engine {
         limiter: RateLimiter,
         settings: EngineSettings,
     ) -> Engine {
-        Engine {
-            pool,
-            kinds,
-            money,
-            limiter,
-            settings,
-            stats: Arc::new(Stats::default()),
-        }
+        Engine { pool, kinds, money, limiter, settings, stats: Arc::new(Stats::default()) }
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -224,9 +214,7 @@ impl Engine {
             if shutdown.is_cancelled() {
                 break;
             }
-            let current = fresh
-                .take()
-                .unwrap_or_else(|| queue.borrow_and_update().clone());
+            let current = fresh.take().unwrap_or_else(|| queue.borrow_and_update().clone());
             let Some(head) = current.into_iter().next() else {
                 tokio::select! {
                     _ = queue.changed() => continue,
@@ -315,11 +303,7 @@ impl Engine {
                 stats: self.stats.clone(),
                 give_up: give_up.clone(),
             };
-            writers.spawn(
-                writer
-                    .run(out_rx)
-                    .instrument(info_span!("writer", partition = i)),
-            );
+            writers.spawn(writer.run(out_rx).instrument(info_span!("writer", partition = i)));
             let worker = Worker {
                 pool: self.pool.clone(),
                 kind: kind.clone(),
@@ -425,14 +409,8 @@ impl Engine {
         if repo::campaign_status(&mut c, id).await?.as_deref() != Some("RUNNING") {
             return Ok(None);
         }
-        let plan = repo::ensure_plan(
-            &mut c,
-            kind.table(),
-            id,
-            self.settings.partition_rule,
-            actor,
-        )
-        .await?;
+        let plan = repo::ensure_plan(&mut c, kind.table(), id, self.settings.partition_rule, actor)
+            .await?;
         let mut recovered = 0;
         for slice in &plan {
             recovered += repo::recover_in_flight(&mut c, kind.table(), id, slice).await?;
@@ -590,17 +568,10 @@ impl Worker {
                 Err(invalid) => self.emit(
                     p.target,
                     att,
-                    Outcome::Dead {
-                        code: invalid.code,
-                        message: invalid.message,
-                    },
+                    Outcome::Dead { code: invalid.code, message: invalid.message },
                 ),
                 Ok(request) => {
-                    let job = Job {
-                        request,
-                        attempts: att,
-                        outcomes: self.outcomes.clone(),
-                    };
+                    let job = Job { request, attempts: att, outcomes: self.outcomes.clone() };
                     if self.gate.is_closed() {
                         job.release();
                         continue;
@@ -621,18 +592,13 @@ impl Worker {
         if seen < claimed.len() {
             // A claimed id that could not be loaded (deleted meanwhile): let it go.
             warn!(campaign.id = %self.campaign, missing = claimed.len() - seen, "claimed rows vanished before loading");
-            self.outstanding
-                .fetch_sub(claimed.len() - seen, Ordering::SeqCst);
+            self.outstanding.fetch_sub(claimed.len() - seen, Ordering::SeqCst);
         }
         Ok(claimed.len())
     }
 
     fn emit(&self, target: TargetId, attempts: i32, outcome: Outcome) {
-        let _ = self.outcomes.send(RowOutcome {
-            target,
-            attempts,
-            outcome,
-        });
+        let _ = self.outcomes.send(RowOutcome { target, attempts, outcome });
     }
 }
 
@@ -697,10 +663,12 @@ impl Dispatcher {
             }
             self.stats.sent.fetch_add(1, Ordering::Relaxed);
             let money = self.money.clone();
+            let limiter = self.limiter.clone();
             let retry = self.retry;
             let gate = self.gate.clone();
             let stats = self.stats.clone();
             tokio::spawn(async move {
+                limiter.admit().await;
                 let started = Instant::now();
                 let result = money.grant(&job.request).await;
                 stats
@@ -733,19 +701,14 @@ pub fn decide(
 ) -> Outcome {
     let err = match result {
         Ok(g) => {
-            return Outcome::Granted {
-                transaction_id: g.transaction_id,
-            };
+            return Outcome::Granted { transaction_id: g.transaction_id };
         }
         Err(e) => e,
     };
     let attempts_u = u32::try_from(attempts.max(1)).unwrap_or(1);
     let retry_after = match err.disposition() {
         Disposition::Permanent => {
-            return Outcome::Dead {
-                code: err.code(),
-                message: err.to_string(),
-            };
+            return Outcome::Dead { code: err.code(), message: err.to_string() };
         }
         // Money did not process the request: it was never attempted as far as Money knows.
         Disposition::Configuration => return Outcome::Released,
@@ -872,21 +835,8 @@ mod tests {
     #[test]
     fn answers_become_row_outcomes() {
         let p = RetryPolicy::default();
-        let ok = decide(
-            Ok(Granted {
-                transaction_id: "t".into(),
-                replayed: false,
-            }),
-            1,
-            &p,
-            0.5,
-        );
-        assert_eq!(
-            ok,
-            Outcome::Granted {
-                transaction_id: "t".into()
-            }
-        );
+        let ok = decide(Ok(Granted { transaction_id: "t".into(), replayed: false }), 1, &p, 0.5);
+        assert_eq!(ok, Outcome::Granted { transaction_id: "t".into() });
 
         let rejected = MoneyError::Rejected {
             status: 404,
@@ -899,27 +849,15 @@ mod tests {
 
         let first = decide(Err(MoneyError::Timeout), 1, &p, 0.5);
         assert!(matches!(first, Outcome::Retry { after, .. } if after == Duration::from_secs(3)));
-        let fifth = decide(
-            Err(MoneyError::Server {
-                status: 503,
-                code: String::new(),
-            }),
-            5,
-            &p,
-            0.5,
-        );
+        let fifth =
+            decide(Err(MoneyError::Server { status: 503, code: String::new() }), 5, &p, 0.5);
         assert!(matches!(fifth, Outcome::Retry { after, .. } if after == Duration::from_secs(48)));
         let sixth = decide(Err(MoneyError::Timeout), 6, &p, 0.5);
         assert!(matches!(sixth, Outcome::Dead { code, .. } if code == "timeout"));
 
-        assert_eq!(
-            decide(Err(MoneyError::Unauthorized), 1, &p, 0.5),
-            Outcome::Released
-        );
-        let limited = MoneyError::RateLimited {
-            status: 429,
-            retry_after: Some(Duration::from_secs(10)),
-        };
+        assert_eq!(decide(Err(MoneyError::Unauthorized), 1, &p, 0.5), Outcome::Released);
+        let limited =
+            MoneyError::RateLimited { status: 429, retry_after: Some(Duration::from_secs(10)) };
         assert!(
             matches!(decide(Err(limited), 1, &p, 0.5), Outcome::Retry { after, .. } if after == Duration::from_secs(10))
         );

@@ -67,12 +67,7 @@ impl GrantRequest {
             code: "unserialisable_row".to_owned(),
             message: format!("the row cannot be serialised to JSON: {e}"),
         })?;
-        Ok(GrantRequest {
-            target,
-            endpoint,
-            idempotency_key,
-            body: Bytes::from(body),
-        })
+        Ok(GrantRequest { target, endpoint, idempotency_key, body: Bytes::from(body) })
     }
 }
 
@@ -86,10 +81,7 @@ pub struct InvalidRow {
 
 impl InvalidRow {
     pub fn field(field: &str, message: impl Into<String>) -> InvalidRow {
-        InvalidRow {
-            code: format!("invalid_{field}"),
-            message: message.into(),
-        }
+        InvalidRow { code: format!("invalid_{field}"), message: message.into() }
     }
 }
 
@@ -242,8 +234,7 @@ impl KindRegistry {
     }
 
     pub fn register<K: PayoutKind>(&mut self) -> &mut KindRegistry {
-        self.kinds
-            .insert(K::KIND, Arc::new(Erased::<K>(std::marker::PhantomData)));
+        self.kinds.insert(K::KIND, Arc::new(Erased::<K>(std::marker::PhantomData)));
         self
     }
 
@@ -303,10 +294,7 @@ mod tests {
         assert!(check_text("reason", &"가".repeat(255), 255).is_ok());
         assert!(check_text("reason", &"가".repeat(256), 255).is_err());
         let empty = check_text("customer_uid", "", 64);
-        assert_eq!(
-            empty.map_err(|e| e.code),
-            Err("invalid_customer_uid".to_owned())
-        );
+        assert_eq!(empty.map_err(|e| e.code), Err("invalid_customer_uid".to_owned()));
     }
 
     #[test]
@@ -334,10 +322,7 @@ pub mod conformance {
     /// A context with the contract's defaults at a fixed moment.
     pub fn context() -> ValidationContext {
         ValidationContext {
-            now: Utc
-                .with_ymd_and_hms(2026, 11, 25, 0, 0, 0)
-                .single()
-                .unwrap_or_default(),
+            now: Utc.with_ymd_and_hms(2026, 11, 25, 0, 0, 0).single().unwrap_or_default(),
             max_point_amount: 1_000_000,
             expiry_offset: FixedOffset::east_opt(9 * 3600).unwrap_or(Utc.fix()),
         }

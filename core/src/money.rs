@@ -54,18 +54,11 @@ pub enum Disposition {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MoneyError {
     #[error("Money rejected the request: HTTP {status} {code}: {message}")]
-    Rejected {
-        status: u16,
-        code: String,
-        message: String,
-    },
+    Rejected { status: u16, code: String, message: String },
     #[error("Money rejected the API key (HTTP 401): check money.api_key")]
     Unauthorized,
     #[error("Money rate-limited the request (HTTP {status})")]
-    RateLimited {
-        status: u16,
-        retry_after: Option<Duration>,
-    },
+    RateLimited { status: u16, retry_after: Option<Duration> },
     #[error("Money failed with HTTP {status} {code}")]
     Server { status: u16, code: String },
     #[error("could not connect to Money: {0}")]
@@ -134,9 +127,7 @@ pub struct MoneyClient {
 
 impl std::fmt::Debug for MoneyClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MoneyClient")
-            .field("base_url", &self.base_url)
-            .finish_non_exhaustive()
+        f.debug_struct("MoneyClient").field("base_url", &self.base_url).finish_non_exhaustive()
     }
 }
 
@@ -225,16 +216,11 @@ pub fn classify(
     match status {
         200 => match serde_json::from_slice::<Granted>(body) {
             Ok(g) if !g.transaction_id.is_empty() => Ok(g),
-            Ok(_) => Err(MoneyError::Broken(
-                "200 without a transaction_id".to_owned(),
-            )),
+            Ok(_) => Err(MoneyError::Broken("200 without a transaction_id".to_owned())),
             Err(e) => Err(MoneyError::Broken(format!("unreadable 200 answer: {e}"))),
         },
         401 => Err(MoneyError::Unauthorized),
-        408 | 429 => Err(MoneyError::RateLimited {
-            status,
-            retry_after,
-        }),
+        408 | 429 => Err(MoneyError::RateLimited { status, retry_after }),
         400..=499 => {
             let b = error_body();
             Err(MoneyError::Rejected {
@@ -249,15 +235,10 @@ pub fn classify(
         }
         500..=599 => Err(MoneyError::Server {
             status,
-            code: error_body()
-                .map(|b| b.code)
-                .filter(|c| !c.is_empty())
-                .unwrap_or_default(),
+            code: error_body().map(|b| b.code).filter(|c| !c.is_empty()).unwrap_or_default(),
         }),
         // 1xx/3xx and other surprises: we cannot tell whether a grant happened.
-        _ => Err(MoneyError::Broken(format!(
-            "unexpected HTTP status {status}"
-        ))),
+        _ => Err(MoneyError::Broken(format!("unexpected HTTP status {status}"))),
     }
 }
 
@@ -279,45 +260,15 @@ mod tests {
     #[test]
     fn answers_are_classified_as_the_contract_says() {
         let ok = classify(200, None, br#"{"transaction_id":"tx-1","replayed":true}"#);
-        assert_eq!(
-            ok,
-            Ok(Granted {
-                transaction_id: "tx-1".into(),
-                replayed: true
-            })
-        );
+        assert_eq!(ok, Ok(Granted { transaction_id: "tx-1".into(), replayed: true }));
         let table: [(u16, &[u8], Disposition); 11] = [
-            (
-                400,
-                br#"{"code":"invalid_request","message":"bad"}"#,
-                Disposition::Permanent,
-            ),
-            (
-                404,
-                br#"{"code":"customer_not_found"}"#,
-                Disposition::Permanent,
-            ),
-            (
-                409,
-                br#"{"code":"voucher_already_issued"}"#,
-                Disposition::Permanent,
-            ),
-            (
-                422,
-                br#"{"code":"idempotency_key_reused"}"#,
-                Disposition::Permanent,
-            ),
-            (
-                401,
-                br#"{"code":"unauthorized"}"#,
-                Disposition::Configuration,
-            ),
+            (400, br#"{"code":"invalid_request","message":"bad"}"#, Disposition::Permanent),
+            (404, br#"{"code":"customer_not_found"}"#, Disposition::Permanent),
+            (409, br#"{"code":"voucher_already_issued"}"#, Disposition::Permanent),
+            (422, br#"{"code":"idempotency_key_reused"}"#, Disposition::Permanent),
+            (401, br#"{"code":"unauthorized"}"#, Disposition::Configuration),
             (408, b"", Disposition::RetryAfter(None)),
-            (
-                429,
-                br#"{"code":"rate_limited"}"#,
-                Disposition::RetryAfter(None),
-            ),
+            (429, br#"{"code":"rate_limited"}"#, Disposition::RetryAfter(None)),
             (500, b"oops", Disposition::Transient),
             (503, br#"{"code":"unavailable"}"#, Disposition::Transient),
             (200, b"not json", Disposition::UnknownOutcome),
@@ -331,15 +282,8 @@ mod tests {
 
     #[test]
     fn rejection_codes_come_from_the_body() {
-        let e = classify(
-            404,
-            None,
-            br#"{"code":"customer_not_found","message":"no"}"#,
-        );
-        assert_eq!(
-            e.map_err(|e| e.code()),
-            Err("customer_not_found".to_owned())
-        );
+        let e = classify(404, None, br#"{"code":"customer_not_found","message":"no"}"#);
+        assert_eq!(e.map_err(|e| e.code()), Err("customer_not_found".to_owned()));
         let e = classify(418, None, b"");
         assert_eq!(e.map_err(|e| e.code()), Err("http_418".to_owned()));
     }

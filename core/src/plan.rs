@@ -24,10 +24,7 @@ pub struct PartitionRule {
 
 impl Default for PartitionRule {
     fn default() -> Self {
-        PartitionRule {
-            medium_from: 1_000_001,
-            large_from: 2_000_000,
-        }
+        PartitionRule { medium_from: 1_000_001, large_from: 2_000_000 }
     }
 }
 
@@ -91,10 +88,7 @@ mod tests {
 
     #[test]
     fn configured_thresholds_move_the_boundaries() {
-        let rule = PartitionRule {
-            medium_from: 10,
-            large_from: 20,
-        };
+        let rule = PartitionRule { medium_from: 10, large_from: 20 };
         assert_eq!(rule.partitions_for(9), 4);
         assert_eq!(rule.partitions_for(10), 6);
         assert_eq!(rule.partitions_for(19), 6);

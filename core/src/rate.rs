@@ -15,10 +15,17 @@
 //!
 //! One dispatcher task awaits permits and hands requests to senders (many tasks waiting on one
 //! limiter form a thundering herd).
+//!
+//! A sender task can start late when the machine is busy, and several late senders would then
+//! leave together. So each sender also passes [`RateLimiter::admit`] right before its request
+//! leaves: an exact sliding-window log of this process's last sends that refuses a send while the
+//! last `limit` sends all lie within `1 s + JITTER_SLACK`. GCRA keeps the flow smooth; the log
+//! makes the cap hold whatever the scheduler does between the two.
 
+use std::collections::VecDeque;
 use std::num::NonZeroU32;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota};
 
@@ -38,19 +45,12 @@ impl Pacing {
     /// The pacing that keeps every one-second window at or under `limit_per_sec`.
     pub fn for_limit(limit_per_sec: NonZeroU32) -> Pacing {
         let limit = u64::from(limit_per_sec.get());
-        let burst: u64 = if limit < 100 {
-            1
-        } else {
-            (limit / 250).clamp(2, 8)
-        };
+        let burst: u64 = if limit < 100 { 1 } else { (limit / 500).clamp(2, 8) };
         let window_ns = 1_000_000_000u64 + JITTER_SLACK.as_nanos() as u64;
         let slots = limit - burst + 1;
         // Round the period up: rounding down would let one more permit into a window.
         let period_ns = window_ns.div_ceil(slots);
-        Pacing {
-            period: Duration::from_nanos(period_ns),
-            burst: burst as u32,
-        }
+        Pacing { period: Duration::from_nanos(period_ns), burst: burst as u32 }
     }
 
     /// Permits per second this pacing yields in the long run.
@@ -76,6 +76,33 @@ struct Current {
     limit: NonZeroU32,
     pacing: Pacing,
     limiter: DefaultDirectRateLimiter,
+    window: SendWindow,
+}
+
+/// The instants of the last `limit` sends.
+struct SendWindow {
+    limit: usize,
+    length: Duration,
+    sends: Mutex<VecDeque<Instant>>,
+}
+
+impl SendWindow {
+    /// Records a send now if it fits, or says how long to wait.
+    fn try_admit(&self, now: Instant) -> Result<(), Duration> {
+        let mut sends = match self.sends.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        while sends.front().is_some_and(|&t| now.duration_since(t) >= self.length) {
+            sends.pop_front();
+        }
+        if sends.len() < self.limit {
+            sends.push_back(now);
+            return Ok(());
+        }
+        let oldest = sends.front().copied().unwrap_or(now);
+        Err((oldest + self.length).saturating_duration_since(now).max(Duration::from_micros(100)))
+    }
 }
 
 impl Current {
@@ -84,11 +111,12 @@ impl Current {
         let quota = Quota::with_period(pacing.period)
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
             .allow_burst(NonZeroU32::new(pacing.burst).unwrap_or(NonZeroU32::MIN));
-        Current {
-            limit,
-            pacing,
-            limiter: DefaultDirectRateLimiter::direct(quota),
-        }
+        let window = SendWindow {
+            limit: limit.get() as usize,
+            length: Duration::from_secs(1) + JITTER_SLACK,
+            sends: Mutex::new(VecDeque::with_capacity(limit.get() as usize)),
+        };
+        Current { limit, pacing, limiter: DefaultDirectRateLimiter::direct(quota), window }
     }
 }
 
@@ -104,9 +132,7 @@ impl std::fmt::Debug for RateLimiter {
 
 impl RateLimiter {
     pub fn new(limit_per_sec: NonZeroU32) -> RateLimiter {
-        RateLimiter {
-            inner: Arc::new(RwLock::new(Arc::new(Current::new(limit_per_sec)))),
-        }
+        RateLimiter { inner: Arc::new(RwLock::new(Arc::new(Current::new(limit_per_sec)))) }
     }
 
     fn current(&self) -> Arc<Current> {
@@ -136,10 +162,22 @@ impl RateLimiter {
         }
     }
 
-    /// Waits for one permit.
+    /// Waits for one permit (the dispatcher, before handing a request to a sender).
     pub async fn acquire(&self) {
         let current = self.current();
         current.limiter.until_ready().await;
+    }
+
+    /// Waits until one more send keeps every window of `1 s + JITTER_SLACK` at or under the
+    /// limit, and records the send (the sender, right before the request leaves).
+    pub async fn admit(&self) {
+        let current = self.current();
+        loop {
+            match current.window.try_admit(Instant::now()) {
+                Ok(()) => return,
+                Err(wait) => tokio::time::sleep(wait).await,
+            }
+        }
     }
 }
 
@@ -153,15 +191,10 @@ mod tests {
 
     #[test]
     fn no_window_of_a_second_plus_slack_exceeds_the_limit() {
-        for limit in [
-            1, 2, 3, 7, 10, 99, 100, 200, 333, 999, 1000, 1001, 5000, 20_000,
-        ] {
+        for limit in [1, 2, 3, 7, 10, 99, 100, 200, 333, 999, 1000, 1001, 5000, 20_000] {
             let p = Pacing::for_limit(nz(limit));
             let worst = p.max_in_window(Duration::from_secs(1) + JITTER_SLACK);
-            assert!(
-                worst <= u64::from(limit),
-                "limit {limit}: {worst} in a window ({p:?})"
-            );
+            assert!(worst <= u64::from(limit), "limit {limit}: {worst} in a window ({p:?})");
         }
     }
 
@@ -172,6 +205,24 @@ mod tests {
             let share = p.rate_per_sec() / f64::from(limit);
             assert!(share >= floor, "limit {limit}: {share}");
         }
+    }
+
+    #[test]
+    fn the_send_log_refuses_a_send_that_would_overfill_a_window() {
+        let w = SendWindow {
+            limit: 3,
+            length: Duration::from_secs(1),
+            sends: Mutex::new(VecDeque::new()),
+        };
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        assert_eq!(w.try_admit(ms(0)), Ok(()));
+        assert_eq!(w.try_admit(ms(10)), Ok(()));
+        assert_eq!(w.try_admit(ms(20)), Ok(()));
+        assert_eq!(w.try_admit(ms(500)), Err(Duration::from_millis(500)));
+        assert_eq!(w.try_admit(ms(999)), Err(Duration::from_millis(1)));
+        assert_eq!(w.try_admit(ms(1000)), Ok(()));
+        assert_eq!(w.try_admit(ms(1005)), Err(Duration::from_millis(5)));
     }
 
     #[tokio::test]

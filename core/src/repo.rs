@@ -107,21 +107,18 @@ pub async fn campaign(
     conn: &mut AsyncMysqlConnection,
     id: CampaignId,
 ) -> QResult<Option<CampaignRow>> {
-    let mut rows: Vec<CampaignRow> = diesel::sql_query(format!(
-        "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = ?"
-    ))
-    .bind::<BigInt, _>(id.0)
-    .load(conn)
-    .await?;
+    let mut rows: Vec<CampaignRow> =
+        diesel::sql_query(format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = ?"))
+            .bind::<BigInt, _>(id.0)
+            .load(conn)
+            .await?;
     Ok(rows.pop())
 }
 
 pub async fn campaigns(conn: &mut AsyncMysqlConnection) -> QResult<Vec<CampaignRow>> {
-    diesel::sql_query(format!(
-        "SELECT {CAMPAIGN_COLUMNS} FROM campaigns ORDER BY id"
-    ))
-    .load(conn)
-    .await
+    diesel::sql_query(format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns ORDER BY id"))
+        .load(conn)
+        .await
 }
 
 #[derive(QueryableByName)]
@@ -188,10 +185,7 @@ pub enum CommandError {
     #[error("campaign {0} does not exist")]
     UnknownCampaign(CampaignId),
     #[error("campaign {campaign}: {reason}")]
-    Illegal {
-        campaign: CampaignId,
-        reason: crate::domain::IllegalTransition,
-    },
+    Illegal { campaign: CampaignId, reason: crate::domain::IllegalTransition },
     #[error("campaign {0} has an unknown status {1:?}")]
     BadStatus(CampaignId, String),
     #[error(transparent)]
@@ -213,12 +207,8 @@ pub async fn apply_command(
                 .await?;
         let from = rows.pop().ok_or(CommandError::UnknownCampaign(id))?.status;
         let from = CampaignStatus::parse(&from).map_err(|e| CommandError::BadStatus(id, e.0))?;
-        let to = from
-            .apply(command)
-            .map_err(|reason| CommandError::Illegal {
-                campaign: id,
-                reason,
-            })?;
+        let to =
+            from.apply(command).map_err(|reason| CommandError::Illegal { campaign: id, reason })?;
         let paused_by = match to {
             CampaignStatus::Paused => Some("OPERATOR"),
             CampaignStatus::Ready
@@ -364,11 +354,7 @@ pub async fn count_by_status(
     .await?;
     Ok(rows
         .into_iter()
-        .filter_map(|r| {
-            TargetStatus::parse(&r.status)
-                .ok()
-                .map(|s| (s, r.n.max(0) as u64))
-        })
+        .filter_map(|r| TargetStatus::parse(&r.status).ok().map(|s| (s, r.n.max(0) as u64)))
         .collect())
 }
 
@@ -395,12 +381,11 @@ pub async fn ensure_plan(
         if let Some(n) = rows.pop().and_then(|r| r.partition_count) {
             return Ok(slices(u16::try_from(n).unwrap_or(1)));
         }
-        let mut counted: Vec<CountRow> = diesel::sql_query(format!(
-            "SELECT COUNT(*) AS n FROM {table} WHERE event_id = ?"
-        ))
-        .bind::<BigInt, _>(id.0)
-        .load(c)
-        .await?;
+        let mut counted: Vec<CountRow> =
+            diesel::sql_query(format!("SELECT COUNT(*) AS n FROM {table} WHERE event_id = ?"))
+                .bind::<BigInt, _>(id.0)
+                .load(c)
+                .await?;
         let rows_total = counted.pop().map(|r| r.n).unwrap_or(0).max(0);
         let plan = slices(rule.partitions_for(rows_total as u64));
         let count = plan.len() as i16;
@@ -513,10 +498,7 @@ pub async fn claim(
         q.execute(c).await?;
         Ok(rows
             .into_iter()
-            .map(|r| Claimed {
-                target: TargetId(r.id),
-                attempts: r.attempts + 1,
-            })
+            .map(|r| Claimed { target: TargetId(r.id), attempts: r.attempts + 1 })
             .collect())
     })
     .await
@@ -535,10 +517,7 @@ where
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let sql = format!(
-        "SELECT {columns} FROM {table} WHERE id IN ({})",
-        placeholders(ids.len())
-    );
+    let sql = format!("SELECT {columns} FROM {table} WHERE id IN ({})", placeholders(ids.len()));
     let mut q = diesel::sql_query(sql).into_boxed::<Mysql>();
     for id in ids {
         q = q.bind::<BigInt, _>(id.0);
@@ -709,10 +688,7 @@ pub async fn next_retry_due_in(
     .bind::<BigInt, _>(id.0)
     .load(conn)
     .await?;
-    Ok(rows
-        .pop()
-        .and_then(|r| r.ms)
-        .map(|ms| Duration::from_millis(ms.max(0) as u64)))
+    Ok(rows.pop().and_then(|r| r.ms).map(|ms| Duration::from_millis(ms.max(0) as u64)))
 }
 
 #[cfg(test)]

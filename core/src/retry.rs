@@ -39,9 +39,7 @@ impl RetryPolicy {
     pub fn nominal_delay(&self, retry: u32) -> Duration {
         let exp = i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX);
         let secs = self.base_delay.as_secs_f64() * self.multiplier.powi(exp);
-        Duration::try_from_secs_f64(secs)
-            .unwrap_or(self.max_delay)
-            .min(self.max_delay)
+        Duration::try_from_secs_f64(secs).unwrap_or(self.max_delay).min(self.max_delay)
     }
 
     /// The delay before retry `retry` with jitter drawn from `unit` (a number in `[0, 1)`), and
@@ -78,14 +76,8 @@ mod tests {
 
     #[test]
     fn retry_after_is_a_floor_and_the_cap_holds() {
-        let p = RetryPolicy {
-            max_delay: Duration::from_secs(10),
-            ..RetryPolicy::default()
-        };
-        assert_eq!(
-            p.delay(1, 0.5, Some(Duration::from_secs(7))),
-            Duration::from_secs(7)
-        );
+        let p = RetryPolicy { max_delay: Duration::from_secs(10), ..RetryPolicy::default() };
+        assert_eq!(p.delay(1, 0.5, Some(Duration::from_secs(7))), Duration::from_secs(7));
         assert_eq!(p.nominal_delay(9), Duration::from_secs(10));
     }
 

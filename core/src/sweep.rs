@@ -60,11 +60,7 @@ impl RetrySweeper {
             };
             let n = repo::requeue_due_failures(&mut c, kind.table(), campaign.id()).await?;
             if n > 0 {
-                debug!(
-                    campaign.id = campaign.id,
-                    rows = n,
-                    "failed rows due for retry"
-                );
+                debug!(campaign.id = campaign.id, rows = n, "failed rows due for retry");
             }
             total += n;
         }

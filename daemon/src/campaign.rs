@@ -62,11 +62,7 @@ async fn progress(
     let done = get(TargetStatus::Succeeded) + get(TargetStatus::Dead);
     let failed = get(TargetStatus::Failed) + get(TargetStatus::Dead);
     let rows_left = rows - done;
-    let failure_rate_pct = if rows == 0 {
-        0.0
-    } else {
-        failed as f64 * 100.0 / rows as f64
-    };
+    let failure_rate_pct = if rows == 0 { 0.0 } else { failed as f64 * 100.0 / rows as f64 };
     let end = row.completed_at.unwrap_or_else(|| Utc::now().naive_utc());
     let rows_per_sec = row.started_at.and_then(|s| {
         let secs = (end - s).num_milliseconds() as f64 / 1000.0;
@@ -112,11 +108,9 @@ pub(crate) async fn status(
                 .await?
                 .with_context(|| format!("campaign {id} does not exist"))?,
         ],
-        None => repo::campaigns(&mut c)
-            .await?
-            .into_iter()
-            .filter(|r| r.status != "COMPLETED")
-            .collect(),
+        None => {
+            repo::campaigns(&mut c).await?.into_iter().filter(|r| r.status != "COMPLETED").collect()
+        }
     };
     drop(c);
     let mut out = Vec::with_capacity(rows.len());
@@ -147,22 +141,10 @@ fn print_progress(p: &Progress) {
     }
     let counts: Vec<String> = p.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!("  rows {}: {}", p.rows, counts.join(", "));
-    println!(
-        "  failure rate {:.2} % ((FAILED + DEAD) / all rows)",
-        p.failure_rate_pct
-    );
-    let rate = p
-        .rows_per_sec
-        .map(|r| format!("{r:.1} rows/s"))
-        .unwrap_or_else(|| "-".to_owned());
-    let eta = p
-        .eta_secs
-        .map(|s| format!("{s:.0} s"))
-        .unwrap_or_else(|| "-".to_owned());
-    println!(
-        "  throughput {rate} (average since start), {} rows left, ETA {eta}",
-        p.rows_left
-    );
+    println!("  failure rate {:.2} % ((FAILED + DEAD) / all rows)", p.failure_rate_pct);
+    let rate = p.rows_per_sec.map(|r| format!("{r:.1} rows/s")).unwrap_or_else(|| "-".to_owned());
+    let eta = p.eta_secs.map(|s| format!("{s:.0} s")).unwrap_or_else(|| "-".to_owned());
+    println!("  throughput {rate} (average since start), {} rows left, ETA {eta}", p.rows_left);
     if let Some(n) = p.partitions {
         println!("  partitions {n}");
     }
@@ -181,16 +163,10 @@ pub(crate) async fn list(pool: &DbPool, kinds: &KindRegistry, json: bool) -> any
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!(
-        "{:>10}  {:<8} {:<10} {:>10} {:>7}  name",
-        "id", "kind", "status", "rows", "done"
-    );
+    println!("{:>10}  {:<8} {:<10} {:>10} {:>7}  name", "id", "kind", "status", "rows", "done");
     for p in &out {
-        let done = if p.rows == 0 {
-            100.0
-        } else {
-            (p.rows - p.rows_left) as f64 * 100.0 / p.rows as f64
-        };
+        let done =
+            if p.rows == 0 { 100.0 } else { (p.rows - p.rows_left) as f64 * 100.0 / p.rows as f64 };
         println!(
             "{:>10}  {:<8} {:<10} {:>10} {:>6.1}%  {}",
             p.id, p.kind, p.status, p.rows, done, p.name

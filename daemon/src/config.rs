@@ -185,10 +185,7 @@ pub(crate) struct RunSettings {
     pub(crate) money_api_key: Secret,
     #[cfg_attr(
         not(test),
-        expect(
-            dead_code,
-            reason = "read once Slack alerts are wired into `payoutd run`"
-        )
+        expect(dead_code, reason = "read once Slack alerts are wired into `payoutd run`")
     )]
     pub(crate) slack_webhook_url: Option<Secret>,
 }
@@ -232,10 +229,7 @@ impl Default for ExecutorSettings {
 
 impl Default for PayoutSettings {
     fn default() -> Self {
-        PayoutSettings {
-            max_point_amount: 1_000_000,
-            expiry_utc_offset_secs: 9 * 3600,
-        }
+        PayoutSettings { max_point_amount: 1_000_000, expiry_utc_offset_secs: 9 * 3600 }
     }
 }
 
@@ -280,10 +274,7 @@ impl Settings {
     pub(crate) fn load(file: Option<&Path>, explicit_file: bool) -> Result<Settings, ConfigError> {
         let file = config_file_to_read(file, explicit_file)?;
         let env = std::env::vars_os().map(|(name, value)| {
-            (
-                name.to_string_lossy().into_owned(),
-                value.to_string_lossy().into_owned(),
-            )
+            (name.to_string_lossy().into_owned(), value.to_string_lossy().into_owned())
         });
         Settings::load_from(file.as_deref(), env)
     }
@@ -307,9 +298,8 @@ impl Settings {
                 .interpolater(|_: &Profile, keys: &[&str]| env_var_name(&keys.join("."))),
             dict: env_dict(&env)?,
         });
-        let raw: Raw = figment
-            .extract_lossy()
-            .map_err(|e| ConfigError::from_figment(e, &figment))?;
+        let raw: Raw =
+            figment.extract_lossy().map_err(|e| ConfigError::from_figment(e, &figment))?;
         let credentials_dir = env
             .iter()
             .find(|(name, value)| name == CREDENTIALS_DIRECTORY && !value.is_empty())
@@ -321,9 +311,10 @@ impl Settings {
 
     /// `database.url`, read from `database.url_file` if that is how it was given.
     pub(crate) fn database_url(&self) -> Result<DatabaseUrl, ConfigError> {
-        let url = self.database.url.resolve("database.url_file", |text| {
-            DatabaseUrl::parse(text).map_err(str::to_owned)
-        })?;
+        let url = self
+            .database
+            .url
+            .resolve("database.url_file", |text| DatabaseUrl::parse(text).map_err(str::to_owned))?;
         url.ok_or(ConfigError::Missing {
             key: "database.url",
             alternatives: ", or database.url_file",
@@ -332,19 +323,16 @@ impl Settings {
 
     /// `money.base_url`, without a trailing `/`.
     pub(crate) fn money_base_url(&self) -> Result<&str, ConfigError> {
-        self.money.base_url.as_deref().ok_or(ConfigError::Missing {
-            key: "money.base_url",
-            alternatives: "",
-        })
+        self.money
+            .base_url
+            .as_deref()
+            .ok_or(ConfigError::Missing { key: "money.base_url", alternatives: "" })
     }
 
     /// `money.api_key`, read from `money.api_key_file` or the systemd credential if that is how
     /// it was given.
     pub(crate) fn money_api_key(&self) -> Result<Secret, ConfigError> {
-        let key = self
-            .money
-            .api_key
-            .resolve("money.api_key_file", |text| Ok(Secret::new(text)))?;
+        let key = self.money.api_key.resolve("money.api_key_file", |text| Ok(Secret::new(text)))?;
         key.ok_or(ConfigError::Missing {
             key: "money.api_key",
             alternatives: ", money.api_key_file, or a systemd credential named money-api-key",
@@ -353,11 +341,9 @@ impl Settings {
 
     /// `slack.webhook_url`, if configured (read from `slack.webhook_url_file` if given so).
     pub(crate) fn slack_webhook_url(&self) -> Result<Option<Secret>, ConfigError> {
-        self.slack
-            .webhook_url
-            .resolve("slack.webhook_url_file", |text| {
-                check_http_url(&text, false).map(|()| Secret::new(text))
-            })
+        self.slack.webhook_url.resolve("slack.webhook_url_file", |text| {
+            check_http_url(&text, false).map(|()| Secret::new(text))
+        })
     }
 
     /// Checks everything `payoutd run` needs that other commands may lack (the database URL
@@ -409,10 +395,7 @@ impl Settings {
             SecretSource::Inline(_) => out.string("api_key", "***"),
             SecretSource::File(path) => out.path("api_key_file", path),
             SecretSource::Credential(path) => {
-                out.comment(&format!(
-                    "api_key: from systemd credential {}",
-                    path.display()
-                ));
+                out.comment(&format!("api_key: from systemd credential {}", path.display()));
             }
             SecretSource::Unset => out.comment("api_key: not set (required by payoutd run)"),
         }
@@ -443,10 +426,7 @@ impl Settings {
         let p = &self.payout;
         out.section("payout");
         out.plain("max_point_amount", p.max_point_amount);
-        out.string(
-            "expiry_utc_offset",
-            &format_utc_offset(p.expiry_utc_offset_secs),
-        );
+        out.string("expiry_utc_offset", &format_utc_offset(p.expiry_utc_offset_secs));
 
         let r = &self.retry;
         out.section("retry");
@@ -478,9 +458,7 @@ fn config_file_to_read(
         Ok(_) => Ok(Some(path.to_path_buf())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if explicit {
-                Err(ConfigError::FileNotFound {
-                    path: path.to_path_buf(),
-                })
+                Err(ConfigError::FileNotFound { path: path.to_path_buf() })
             } else {
                 Ok(None)
             }
@@ -508,17 +486,9 @@ pub(crate) enum ConfigError {
     #[error("configuration file {} is not valid TOML: {message}", .path.display())]
     FileSyntax { path: PathBuf, message: String },
     #[error("unknown configuration key {key}{origin}{did_you_mean}")]
-    UnknownKey {
-        key: String,
-        origin: Origin,
-        did_you_mean: DidYouMean,
-    },
+    UnknownKey { key: String, origin: Origin, did_you_mean: DidYouMean },
     #[error("{key}: {problem}{origin}")]
-    Invalid {
-        key: String,
-        problem: String,
-        origin: Origin,
-    },
+    Invalid { key: String, problem: String, origin: Origin },
     #[error("{first}{first_origin} and {second}{second_origin} are both set; set only one")]
     Conflict {
         first: &'static str,
@@ -527,22 +497,11 @@ pub(crate) enum ConfigError {
         second_origin: Origin,
     },
     #[error("missing required configuration key {key} (or set {env}{alternatives})", env = env_var_name(.key))]
-    Missing {
-        key: &'static str,
-        alternatives: &'static str,
-    },
+    Missing { key: &'static str, alternatives: &'static str },
     #[error("{key}: cannot read {}: {error}", .path.display())]
-    SecretFileUnreadable {
-        key: &'static str,
-        path: PathBuf,
-        error: io::Error,
-    },
+    SecretFileUnreadable { key: &'static str, path: PathBuf, error: io::Error },
     #[error("{key}: {}: {problem}", .path.display())]
-    SecretFileInvalid {
-        key: &'static str,
-        path: PathBuf,
-        problem: String,
-    },
+    SecretFileInvalid { key: &'static str, path: PathBuf, problem: String },
 }
 
 /// Where a value came from, for error messages; displays with a leading space, or as nothing.
@@ -627,11 +586,7 @@ impl ConfigError {
             other if secret => format!("invalid value ({})", kind_name(other)),
             other => one_line(&other.to_string()),
         };
-        ConfigError::Invalid {
-            key,
-            problem,
-            origin,
-        }
+        ConfigError::Invalid { key, problem, origin }
     }
 }
 
@@ -700,19 +655,12 @@ fn kind_name(kind: &figment::error::Kind) -> &'static str {
 }
 
 fn one_line(text: &str) -> String {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ")
+    text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
 }
 
 /// `money.rate_limit_per_sec` -> `PAYOUTD_MONEY__RATE_LIMIT_PER_SEC`.
 fn env_var_name(key: &str) -> String {
-    format!(
-        "{ENV_PREFIX}{}",
-        key.to_ascii_uppercase().replace('.', ENV_SEPARATOR)
-    )
+    format!("{ENV_PREFIX}{}", key.to_ascii_uppercase().replace('.', ENV_SEPARATOR))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -756,9 +704,7 @@ impl DatabaseUrl {
         let host_and_path = url
             .strip_prefix("mysql://")
             .ok_or("expected a URL like mysql://user:password@host:3306/db")?;
-        let host = host_and_path
-            .rsplit_once('@')
-            .map_or(host_and_path, |(_, host)| host);
+        let host = host_and_path.rsplit_once('@').map_or(host_and_path, |(_, host)| host);
         if host.split(['/', '?', '#']).next().is_none_or(str::is_empty) {
             return Err("expected a URL like mysql://user:password@host:3306/db (no host given)");
         }
@@ -835,11 +781,8 @@ impl<T: Clone> SecretSource<T> {
             path: path.clone(),
             error,
         })?;
-        let invalid = |problem: String| ConfigError::SecretFileInvalid {
-            key,
-            path: path.clone(),
-            problem,
-        };
+        let invalid =
+            |problem: String| ConfigError::SecretFileInvalid { key, path: path.clone(), problem };
         // Editors and systemd credentials end files with a newline; it is not part of the secret.
         let text = text.strip_suffix('\n').unwrap_or(&text);
         let text = text.strip_suffix('\r').unwrap_or(text);
@@ -874,10 +817,8 @@ impl Provider for Layer {
 /// Read and parsed here rather than by `Toml::file`, which silently skips a missing file and
 /// searches parent directories for relative paths, and whose errors span several lines.
 fn read_toml(path: &Path) -> Result<Dict, ConfigError> {
-    let text = fs::read_to_string(path).map_err(|error| ConfigError::FileUnreadable {
-        path: path.to_path_buf(),
-        error,
-    })?;
+    let text = fs::read_to_string(path)
+        .map_err(|error| ConfigError::FileUnreadable { path: path.to_path_buf(), error })?;
     Toml::from_str::<Dict>(&text).map_err(|e| {
         let place = match e.span() {
             Some(span) => {
@@ -910,10 +851,7 @@ fn env_dict(env: &[(String, String)]) -> Result<Dict, ConfigError> {
         if !rest.contains(ENV_SEPARATOR) {
             continue;
         }
-        let path: Vec<String> = rest
-            .split(ENV_SEPARATOR)
-            .map(str::to_ascii_lowercase)
-            .collect();
+        let path: Vec<String> = rest.split(ENV_SEPARATOR).map(str::to_ascii_lowercase).collect();
         if path.iter().any(String::is_empty) {
             return Err(ConfigError::UnknownKey {
                 key: path.join("."),
@@ -936,8 +874,7 @@ fn env_dict(env: &[(String, String)]) -> Result<Dict, ConfigError> {
 
 fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
     let head = text.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix)
-        .then(|| &text[prefix.len()..])
+    head.eq_ignore_ascii_case(prefix).then(|| &text[prefix.len()..])
 }
 
 /// Inserts `value` at `path`; false if something is already there or on the way.
@@ -946,9 +883,7 @@ fn insert_nested(dict: &mut Dict, path: &[String], value: Value) -> bool {
         [] => false,
         [last] => dict.insert(last.clone(), value).is_none(),
         [first, rest @ ..] => {
-            let entry = dict
-                .entry(first.clone())
-                .or_insert_with(|| Value::from(Dict::new()));
+            let entry = dict.entry(first.clone()).or_insert_with(|| Value::from(Dict::new()));
             match entry {
                 Value::Dict(_, inner) => insert_nested(inner, rest, value),
                 _ => false,
@@ -1062,22 +997,16 @@ fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duratio
 
         fn visit_str<E: de::Error>(self, text: &str) -> Result<Duration, E> {
             humantime::parse_duration(text.trim()).map_err(|_| {
-                E::custom(format!(
-                    "invalid duration {text:?} (write it like 3s, 250ms or 5m)"
-                ))
+                E::custom(format!("invalid duration {text:?} (write it like 3s, 250ms or 5m)"))
             })
         }
 
         fn visit_u64<E: de::Error>(self, n: u64) -> Result<Duration, E> {
-            Err(E::custom(format!(
-                "invalid duration {n}: give a unit, like \"{n}s\" or \"{n}ms\""
-            )))
+            Err(E::custom(format!("invalid duration {n}: give a unit, like \"{n}s\" or \"{n}ms\"")))
         }
 
         fn visit_i64<E: de::Error>(self, n: i64) -> Result<Duration, E> {
-            Err(E::custom(format!(
-                "invalid duration {n}: give a unit, like \"{n}s\" or \"{n}ms\""
-            )))
+            Err(E::custom(format!("invalid duration {n}: give a unit, like \"{n}s\" or \"{n}ms\"")))
         }
 
         fn visit_f64<E: de::Error>(self, n: f64) -> Result<Duration, E> {
@@ -1115,9 +1044,7 @@ fn float<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<f64>, D::E
         }
 
         fn visit_str<E: de::Error>(self, text: &str) -> Result<f64, E> {
-            text.trim()
-                .parse()
-                .map_err(|_| E::custom(format!("expected a number, found {text:?}")))
+            text.trim().parse().map_err(|_| E::custom(format!("expected a number, found {text:?}")))
         }
     }
 
@@ -1179,19 +1106,16 @@ impl Check<'_> {
         (file_key, file): (&'static str, Option<PathBuf>),
         parse: impl FnOnce(String) -> Result<T, String>,
     ) -> Result<SecretSource<T>, ConfigError> {
-        match (
-            non_empty(inline),
-            file.filter(|p| !p.as_os_str().is_empty()),
-        ) {
+        match (non_empty(inline), file.filter(|p| !p.as_os_str().is_empty())) {
             (Some(_), Some(_)) => Err(ConfigError::Conflict {
                 first: key,
                 first_origin: self.origin(key),
                 second: file_key,
                 second_origin: self.origin(file_key),
             }),
-            (Some(value), None) => parse(value)
-                .map(SecretSource::Inline)
-                .map_err(|p| self.invalid(key, p)),
+            (Some(value), None) => {
+                parse(value).map(SecretSource::Inline).map_err(|p| self.invalid(key, p))
+            }
             (None, Some(path)) => Ok(SecretSource::File(path)),
             (None, None) => Ok(SecretSource::Unset),
         }
@@ -1408,14 +1332,12 @@ impl Check<'_> {
         let filter = match raw.filter {
             None => d.filter,
             Some(filter) => {
-                tracing_subscriber::EnvFilter::builder()
-                    .parse(&filter)
-                    .map_err(|e| {
-                        self.invalid(
-                            "log.filter",
-                            format!("invalid filter {filter:?}: {}", one_line(&e.to_string())),
-                        )
-                    })?;
+                tracing_subscriber::EnvFilter::builder().parse(&filter).map_err(|e| {
+                    self.invalid(
+                        "log.filter",
+                        format!("invalid filter {filter:?}: {}", one_line(&e.to_string())),
+                    )
+                })?;
                 filter
             }
         };
@@ -1437,21 +1359,12 @@ fn non_empty(value: Option<String>) -> Option<String> {
 
 /// An `http(s)://host...` URL. The message never contains the URL (a webhook URL is a secret).
 fn check_http_url(url: &str, echo: bool) -> Result<(), String> {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"));
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
     match rest {
-        Some(rest)
-            if rest
-                .split(['/', '?', '#'])
-                .next()
-                .is_some_and(|host| !host.is_empty()) =>
-        {
+        Some(rest) if rest.split(['/', '?', '#']).next().is_some_and(|host| !host.is_empty()) => {
             Ok(())
         }
-        _ if echo => Err(format!(
-            "expected an http:// or https:// URL, found {url:?}"
-        )),
+        _ if echo => Err(format!("expected an http:// or https:// URL, found {url:?}")),
         _ => Err("expected an http:// or https:// URL".to_owned()),
     }
 }
@@ -1556,10 +1469,7 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     /// Loads expecting a failure; returns its message, checked to be a single line.
@@ -1597,10 +1507,7 @@ mod tests {
         );
         assert_eq!(
             s.payout,
-            PayoutSettings {
-                max_point_amount: 1_000_000,
-                expiry_utc_offset_secs: 32_400
-            }
+            PayoutSettings { max_point_amount: 1_000_000, expiry_utc_offset_secs: 32_400 }
         );
         assert_eq!(
             s.retry,
@@ -1690,17 +1597,9 @@ mod tests {
         assert_eq!(s.money.timeout, Duration::from_secs(2));
         assert_eq!(s.database.pool_size, 8);
         assert!(!s.database.migrate_on_start);
-        assert_eq!(
-            s.retry.jitter.to_bits(),
-            0.1_f64.to_bits(),
-            "parsed as f64, not via f32"
-        );
+        assert_eq!(s.retry.jitter.to_bits(), 0.1_f64.to_bits(), "parsed as f64, not via f32");
         assert_eq!(s.payout.max_point_amount, 5000);
-        assert_eq!(
-            s.money_api_key()?.expose(),
-            "0123",
-            "a numeric-looking secret stays verbatim"
-        );
+        assert_eq!(s.money_api_key()?.expose(), "0123", "a numeric-looking secret stays verbatim");
         Ok(())
     }
 
@@ -1714,13 +1613,7 @@ mod tests {
                 ("OTHER__THING", "x"),
             ]),
         )?;
-        assert!(matches!(
-            s.database_url(),
-            Err(ConfigError::Missing {
-                key: "database.url",
-                ..
-            })
-        ));
+        assert!(matches!(s.database_url(), Err(ConfigError::Missing { key: "database.url", .. })));
         Ok(())
     }
 
@@ -1768,10 +1661,7 @@ mod tests {
         let message = load_error(Some(file.path()), &[])?;
         assert_eq!(
             message,
-            format!(
-                "unknown configuration key log.verbosity (in {})",
-                file.path().display()
-            )
+            format!("unknown configuration key log.verbosity (in {})", file.path().display())
         );
         Ok(())
     }
@@ -1784,10 +1674,8 @@ mod tests {
             "unknown configuration key money.rate_limt_per_sec \
              (from environment variable PAYOUTD_MONEY__RATE_LIMT_PER_SEC); did you mean money.rate_limit_per_sec?"
         );
-        let message = load_error(
-            None,
-            &[("PAYOUTD_SLAK__WEBHOOK_URL", "https://hooks.example/x")],
-        )?;
+        let message =
+            load_error(None, &[("PAYOUTD_SLAK__WEBHOOK_URL", "https://hooks.example/x")])?;
         assert_eq!(
             message,
             "unknown configuration key slak.webhook_url \
@@ -1802,10 +1690,7 @@ mod tests {
     fn one_key_set_by_two_environment_variables_is_refused() -> Result<()> {
         let message = load_error(
             None,
-            &[
-                ("PAYOUTD_MONEY__TIMEOUT", "1s"),
-                ("payoutd_money__timeout", "2s"),
-            ],
+            &[("PAYOUTD_MONEY__TIMEOUT", "1s"), ("payoutd_money__timeout", "2s")],
         )?;
         assert_eq!(
             message,
@@ -1814,15 +1699,9 @@ mod tests {
         );
         let message = load_error(
             None,
-            &[
-                ("PAYOUTD_MONEY__TIMEOUT", "1s"),
-                ("PAYOUTD_MONEY__TIMEOUT__X", "2s"),
-            ],
+            &[("PAYOUTD_MONEY__TIMEOUT", "1s"), ("PAYOUTD_MONEY__TIMEOUT__X", "2s")],
         )?;
-        assert!(
-            message.starts_with("money.timeout.x: set by more than one"),
-            "{message}"
-        );
+        assert!(message.starts_with("money.timeout.x: set by more than one"), "{message}");
         Ok(())
     }
 
@@ -1830,28 +1709,16 @@ mod tests {
     fn a_bad_duration_names_the_key_and_the_value() -> Result<()> {
         let file = toml_file("[money]\ntimeout = \"3 parsecs\"\n")?;
         let message = load_error(Some(file.path()), &[])?;
-        assert!(
-            message.starts_with("money.timeout: invalid duration \"3 parsecs\""),
-            "{message}"
-        );
-        assert!(
-            message.contains(&file.path().display().to_string()),
-            "{message}"
-        );
+        assert!(message.starts_with("money.timeout: invalid duration \"3 parsecs\""), "{message}");
+        assert!(message.contains(&file.path().display().to_string()), "{message}");
 
         let message = load_error(None, &[("PAYOUTD_EXECUTOR__IDLE_POLL", "soon")])?;
-        assert!(
-            message.starts_with("executor.idle_poll: invalid duration \"soon\""),
-            "{message}"
-        );
+        assert!(message.starts_with("executor.idle_poll: invalid duration \"soon\""), "{message}");
         assert!(message.contains("PAYOUTD_EXECUTOR__IDLE_POLL"), "{message}");
 
         let file = toml_file("[money]\ntimeout = 3\n")?;
         let message = load_error(Some(file.path()), &[])?;
-        assert!(
-            message.starts_with("money.timeout: invalid duration 3: give a unit"),
-            "{message}"
-        );
+        assert!(message.starts_with("money.timeout: invalid duration 3: give a unit"), "{message}");
         Ok(())
     }
 
@@ -1872,47 +1739,24 @@ mod tests {
         for (var, value, key) in [
             ("PAYOUTD_MONEY__TIMEOUT", "0s", "money.timeout"),
             ("PAYOUTD_MONEY__MAX_IN_FLIGHT", "0", "money.max_in_flight"),
-            (
-                "PAYOUTD_EXECUTOR__BATCH_SIZE",
-                "5001",
-                "executor.batch_size",
-            ),
-            (
-                "PAYOUTD_EXECUTOR__GATE_POLL",
-                "1500ms",
-                "executor.gate_poll",
-            ),
+            ("PAYOUTD_EXECUTOR__BATCH_SIZE", "5001", "executor.batch_size"),
+            ("PAYOUTD_EXECUTOR__GATE_POLL", "1500ms", "executor.gate_poll"),
             (
                 "PAYOUTD_EXECUTOR__PARTITIONS_LARGE_FROM",
                 "1000001",
                 "executor.partitions_large_from",
             ),
-            (
-                "PAYOUTD_PAYOUT__MAX_POINT_AMOUNT",
-                "0",
-                "payout.max_point_amount",
-            ),
+            ("PAYOUTD_PAYOUT__MAX_POINT_AMOUNT", "0", "payout.max_point_amount"),
             ("PAYOUTD_RETRY__MULTIPLIER", "0.5", "retry.multiplier"),
             ("PAYOUTD_RETRY__JITTER", "1.5", "retry.jitter"),
             ("PAYOUTD_RETRY__MAX_DELAY", "1s", "retry.max_delay"),
             ("PAYOUTD_LOG__FORMAT", "xml", "log.format"),
             ("PAYOUTD_LOG__FILTER", "info,[", "log.filter"),
-            (
-                "PAYOUTD_MONEY__BASE_URL",
-                "money.internal",
-                "money.base_url",
-            ),
-            (
-                "PAYOUTD_DATABASE__URL",
-                "postgres://u:p@h/db",
-                "database.url",
-            ),
+            ("PAYOUTD_MONEY__BASE_URL", "money.internal", "money.base_url"),
+            ("PAYOUTD_DATABASE__URL", "postgres://u:p@h/db", "database.url"),
         ] {
             let message = load_error(None, &[(var, value)])?;
-            assert!(
-                message.starts_with(&format!("{key}: ")),
-                "{var}={value}: {message}"
-            );
+            assert!(message.starts_with(&format!("{key}: ")), "{var}={value}: {message}");
             assert!(
                 message.ends_with(&format!("(from environment variable {var})")),
                 "{var}={value}: {message}"
@@ -1944,27 +1788,16 @@ mod tests {
     fn a_mistyped_secret_is_not_echoed_in_the_error() -> Result<()> {
         let file = toml_file("[money]\napi_key = 98765432\n")?;
         let message = load_error(Some(file.path()), &[])?;
-        assert!(
-            message.starts_with("money.api_key: expected a string (in "),
-            "{message}"
-        );
+        assert!(message.starts_with("money.api_key: expected a string (in "), "{message}");
         assert!(!message.contains("98765"), "{message}");
 
         let file = toml_file("[database]\nurl = \"mysql:/u:pw-98765@h/db\"\n")?;
         let message = load_error(Some(file.path()), &[])?;
-        assert!(
-            message.starts_with("database.url: expected a URL like mysql://"),
-            "{message}"
-        );
+        assert!(message.starts_with("database.url: expected a URL like mysql://"), "{message}");
         assert!(!message.contains("98765"), "{message}");
 
-        let message = load_error(
-            None,
-            &[(
-                "PAYOUTD_SLACK__WEBHOOK_URL",
-                "hooks.example/T0/secret-token",
-            )],
-        )?;
+        let message =
+            load_error(None, &[("PAYOUTD_SLACK__WEBHOOK_URL", "hooks.example/T0/secret-token")])?;
         assert!(message.starts_with("slack.webhook_url: "), "{message}");
         assert!(!message.contains("secret-token"), "{message}");
         Ok(())
@@ -1973,20 +1806,12 @@ mod tests {
     #[test]
     fn a_missing_database_url_is_named_when_asked_for() -> Result<()> {
         let s = Settings::load_from(None, env(&[]))?;
-        let message = s
-            .database_url()
-            .err()
-            .context("expected an error")?
-            .to_string();
+        let message = s.database_url().err().context("expected an error")?.to_string();
         assert_eq!(
             message,
             "missing required configuration key database.url (or set PAYOUTD_DATABASE__URL, or database.url_file)"
         );
-        let message = s
-            .require_run()
-            .err()
-            .context("expected an error")?
-            .to_string();
+        let message = s.require_run().err().context("expected an error")?.to_string();
         assert!(message.contains("database.url"), "{message}");
         Ok(())
     }
@@ -1995,11 +1820,7 @@ mod tests {
     fn run_requires_the_money_url_and_key_but_other_commands_do_not() -> Result<()> {
         let s = Settings::load_from(None, env(&[("PAYOUTD_DATABASE__URL", DB_URL)]))?;
         assert!(s.database_url().is_ok());
-        let message = s
-            .require_run()
-            .err()
-            .context("expected an error")?
-            .to_string();
+        let message = s.require_run().err().context("expected an error")?.to_string();
         assert_eq!(
             message,
             "missing required configuration key money.base_url (or set PAYOUTD_MONEY__BASE_URL)"
@@ -2012,11 +1833,7 @@ mod tests {
                 ("PAYOUTD_MONEY__BASE_URL", "http://127.0.0.1:9000"),
             ]),
         )?;
-        let message = s
-            .require_run()
-            .err()
-            .context("expected an error")?
-            .to_string();
+        let message = s.require_run().err().context("expected an error")?.to_string();
         assert!(message.starts_with("missing required configuration key money.api_key (or set PAYOUTD_MONEY__API_KEY, money.api_key_file"));
 
         let s = Settings::load_from(
@@ -2049,11 +1866,7 @@ mod tests {
         assert_eq!(s.money_api_key()?.expose(), "k-crlf");
 
         fs::write(&key_file, "\n")?;
-        let message = s
-            .money_api_key()
-            .err()
-            .context("expected an error")?
-            .to_string();
+        let message = s.money_api_key().err().context("expected an error")?.to_string();
         assert!(
             message.starts_with("money.api_key_file: ") && message.ends_with("the file is empty"),
             "{message}"
@@ -2065,16 +1878,9 @@ mod tests {
             None,
             env(&[("PAYOUTD_MONEY__API_KEY_FILE", &missing.to_string_lossy())]),
         )?;
-        let message = s
-            .money_api_key()
-            .err()
-            .context("expected an error")?
-            .to_string();
+        let message = s.money_api_key().err().context("expected an error")?.to_string();
         assert!(
-            message.starts_with(&format!(
-                "money.api_key_file: cannot read {}",
-                missing.display()
-            )),
+            message.starts_with(&format!("money.api_key_file: cannot read {}", missing.display())),
             "{message}"
         );
         Ok(())
@@ -2092,11 +1898,7 @@ mod tests {
         assert_eq!(s.database_url()?.expose(), DB_URL);
 
         fs::write(&url_file, "postgres://u:hunter2@h/db\n")?;
-        let message = s
-            .database_url()
-            .err()
-            .context("expected an error")?
-            .to_string();
+        let message = s.database_url().err().context("expected an error")?.to_string();
         assert!(
             message.starts_with("database.url_file: ") && !message.contains("hunter2"),
             "{message}"
@@ -2112,17 +1914,11 @@ mod tests {
 
         let s = Settings::load_from(None, env(&[("CREDENTIALS_DIRECTORY", &credentials)]))?;
         assert_eq!(s.money_api_key()?.expose(), "k-credential");
-        assert!(
-            s.masked_toml()
-                .contains("# api_key: from systemd credential")
-        );
+        assert!(s.masked_toml().contains("# api_key: from systemd credential"));
 
         let s = Settings::load_from(
             None,
-            env(&[
-                ("CREDENTIALS_DIRECTORY", &credentials),
-                ("PAYOUTD_MONEY__API_KEY", "k-env"),
-            ]),
+            env(&[("CREDENTIALS_DIRECTORY", &credentials), ("PAYOUTD_MONEY__API_KEY", "k-env")]),
         )?;
         assert_eq!(
             s.money_api_key()?.expose(),
@@ -2137,10 +1933,7 @@ mod tests {
         )?;
         assert!(matches!(
             s.money_api_key(),
-            Err(ConfigError::Missing {
-                key: "money.api_key",
-                ..
-            })
+            Err(ConfigError::Missing { key: "money.api_key", .. })
         ));
         Ok(())
     }
@@ -2168,30 +1961,19 @@ mod tests {
                 ("PAYOUTD_DATABASE__URL", DB_URL),
                 ("PAYOUTD_MONEY__BASE_URL", "https://money.internal"),
                 ("PAYOUTD_MONEY__API_KEY", "very-secret-key"),
-                (
-                    "PAYOUTD_SLACK__WEBHOOK_URL",
-                    "https://hooks.example/T0/very-secret-hook",
-                ),
+                ("PAYOUTD_SLACK__WEBHOOK_URL", "https://hooks.example/T0/very-secret-hook"),
             ]),
         )?;
         let run = s.require_run()?;
         let url = s.database_url()?;
-        for text in [
-            format!("{s:?}"),
-            format!("{run:?}"),
-            format!("{url:?}"),
-            s.masked_toml(),
-        ] {
+        for text in [format!("{s:?}"), format!("{run:?}"), format!("{url:?}"), s.masked_toml()] {
             assert!(!text.contains("hunter2"), "{text}");
             assert!(!text.contains("very-secret"), "{text}");
         }
         assert_eq!(url.to_string(), "mysql://payout:***@127.0.0.1:3306/payout");
         assert_eq!(format!("{:?}", run.money_api_key), "***");
         let toml = s.masked_toml();
-        assert!(
-            toml.contains("url = \"mysql://payout:***@127.0.0.1:3306/payout\""),
-            "{toml}"
-        );
+        assert!(toml.contains("url = \"mysql://payout:***@127.0.0.1:3306/payout\""), "{toml}");
         assert!(toml.contains("api_key = \"***\""), "{toml}");
         assert!(toml.contains("webhook_url = \"***\""), "{toml}");
         Ok(())
@@ -2220,10 +2002,7 @@ mod tests {
         assert_eq!(back.log, s.log);
         assert_eq!(back.database.pool_size, s.database.pool_size);
         assert_eq!(back.money.timeout, s.money.timeout);
-        assert_eq!(
-            back.database_url()?.to_string(),
-            s.database_url()?.to_string()
-        );
+        assert_eq!(back.database_url()?.to_string(), s.database_url()?.to_string());
         assert!(matches!(&back.money.api_key, SecretSource::File(p) if *p == key_file));
         Ok(())
     }
@@ -2233,9 +2012,7 @@ mod tests {
         assert_eq!(parse_utc_offset("+09:00"), Some(32_400));
         assert_eq!(parse_utc_offset("-05:30"), Some(-19_800));
         assert_eq!(parse_utc_offset("+00:00"), Some(0));
-        for bad in [
-            "+9", "09:00", "+9:00", "+09:0", "+24:00", "+09:60", "+09-00", "＋09:00", "",
-        ] {
+        for bad in ["+9", "09:00", "+9:00", "+09:0", "+24:00", "+09:60", "+09-00", "＋09:00", ""] {
             assert_eq!(parse_utc_offset(bad), None, "{bad:?}");
         }
         assert_eq!(format_utc_offset(-19_800), "-05:30");
@@ -2262,10 +2039,7 @@ mod tests {
             ),
             ("mysql://payout@db/payout", "mysql://payout@db/payout"),
             ("mysql://db:3306/payout", "mysql://db:3306/payout"),
-            (
-                "mysql://u:p@ss/w@rd@db/x?ssl=true",
-                "mysql://u:***@db/x?ssl=true",
-            ),
+            ("mysql://u:p@ss/w@rd@db/x?ssl=true", "mysql://u:***@db/x?ssl=true"),
             ("mysql://u:@db/x", "mysql://u:***@db/x"),
             ("not a url", "***"),
         ] {
@@ -2291,9 +2065,7 @@ mod tests {
     fn a_named_config_file_must_exist_but_the_default_may_be_absent() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let missing = dir.path().join("payoutd.toml");
-        let error = config_file_to_read(Some(&missing), true)
-            .err()
-            .context("expected an error")?;
+        let error = config_file_to_read(Some(&missing), true).err().context("expected an error")?;
         assert_eq!(
             error.to_string(),
             format!("configuration file {} does not exist", missing.display())
@@ -2301,10 +2073,7 @@ mod tests {
         assert_eq!(config_file_to_read(Some(&missing), false)?, None);
 
         fs::write(&missing, "")?;
-        assert_eq!(
-            config_file_to_read(Some(&missing), true)?,
-            Some(missing.clone())
-        );
+        assert_eq!(config_file_to_read(Some(&missing), true)?, Some(missing.clone()));
         let error = Settings::load(Some(&dir.path().join("nope.toml")), true)
             .err()
             .context("expected an error")?;
@@ -2338,10 +2107,8 @@ mod tests {
         let example = key_lines(include_str!("../payoutd.example.toml"));
         let defaults = key_lines(&Settings::load_from(None, env(&[]))?.masked_toml());
 
-        let mut expected: Vec<(String, String)> = defaults
-            .iter()
-            .map(|(s, k, _)| (s.clone(), k.clone()))
-            .collect();
+        let mut expected: Vec<(String, String)> =
+            defaults.iter().map(|(s, k, _)| (s.clone(), k.clone())).collect();
         for (section, key) in [
             ("database", "url"),
             ("database", "url_file"),
@@ -2353,10 +2120,8 @@ mod tests {
         ] {
             expected.push((section.to_owned(), key.to_owned()));
         }
-        let mut listed: Vec<(String, String)> = example
-            .iter()
-            .map(|(s, k, _)| (s.clone(), k.clone()))
-            .collect();
+        let mut listed: Vec<(String, String)> =
+            example.iter().map(|(s, k, _)| (s.clone(), k.clone())).collect();
         expected.sort();
         listed.sort();
         assert_eq!(listed, expected);
@@ -2376,10 +2141,7 @@ mod tests {
 
     #[test]
     fn env_var_names_follow_the_contract() {
-        assert_eq!(
-            env_var_name("money.rate_limit_per_sec"),
-            "PAYOUTD_MONEY__RATE_LIMIT_PER_SEC"
-        );
+        assert_eq!(env_var_name("money.rate_limit_per_sec"), "PAYOUTD_MONEY__RATE_LIMIT_PER_SEC");
         assert_eq!(env_var_name("database.url"), "PAYOUTD_DATABASE__URL");
     }
 }

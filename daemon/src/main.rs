@@ -84,20 +84,12 @@ fn init_logging(settings: &Settings) {
     // The configuration has already checked the filter; fall back rather than fail anyway.
     let filter =
         EnvFilter::try_new(&settings.log.filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match settings.log.format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
-        LogFormat::Auto if !std::io::stderr().is_terminal() => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Auto if !std::io::stderr().is_terminal() => {
+            builder.json().flatten_event(true).with_current_span(false).init()
+        }
         LogFormat::Text | LogFormat::Auto => {
             builder.with_ansi(std::io::stderr().is_terminal()).init()
         }
@@ -106,19 +98,14 @@ fn init_logging(settings: &Settings) {
 
 async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     let explicit = cli.config.is_some();
-    let path = cli
-        .config
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_FILE));
+    let path = cli.config.clone().unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_FILE));
     let settings = Settings::load(Some(&path), explicit)?;
     init_logging(&settings);
     match cli.command {
         Command::Run => run::run(settings).await,
         Command::Migrate => {
             let pool = run::pool(&settings)?;
-            let applied = payout_core::db::migrate(&pool)
-                .await
-                .context("migration failed")?;
+            let applied = payout_core::db::migrate(&pool).await.context("migration failed")?;
             if applied.is_empty() {
                 println!("database is up to date");
             }

@@ -80,9 +80,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     let run = settings.require_run()?;
     let instance_id = crate::ident::instance_id();
     let pool = pool(&settings)?;
-    db::check(&pool)
-        .await
-        .context("cannot reach the database (database.url)")?;
+    db::check(&pool).await.context("cannot reach the database (database.url)")?;
     if settings.database.migrate_on_start {
         let applied = db::migrate(&pool).await?;
         if !applied.is_empty() {
@@ -177,10 +175,9 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
 
 async fn wait_for_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
         warn!("cannot install signal handlers");
         return;
     };

@@ -50,13 +50,8 @@ pub(crate) struct Jobs {
 
 impl Jobs {
     pub(crate) async fn new() -> anyhow::Result<Jobs> {
-        let scheduler = JobScheduler::new()
-            .await
-            .context("cannot create the job scheduler")?;
-        Ok(Jobs {
-            scheduler,
-            health: Arc::new(JobHealth::default()),
-        })
+        let scheduler = JobScheduler::new().await.context("cannot create the job scheduler")?;
+        Ok(Jobs { scheduler, health: Arc::new(JobHealth::default()) })
     }
 
     /// Runs `step` every `every_secs` seconds (1..=59), never two runs at once.
@@ -96,18 +91,12 @@ impl Jobs {
             })
         })
         .with_context(|| format!("cannot schedule job {name}"))?;
-        self.scheduler
-            .add(job)
-            .await
-            .with_context(|| format!("cannot add job {name}"))?;
+        self.scheduler.add(job).await.with_context(|| format!("cannot add job {name}"))?;
         Ok(())
     }
 
     pub(crate) async fn start(&self) -> anyhow::Result<()> {
-        self.scheduler
-            .start()
-            .await
-            .context("cannot start the job scheduler")
+        self.scheduler.start().await.context("cannot start the job scheduler")
     }
 
     pub(crate) async fn shutdown(mut self) {

@@ -84,12 +84,7 @@ impl PayoutKind for Point {
             expiry_at: &row.expiry_at,
             reason: &row.reason,
         };
-        GrantRequest::new(
-            target,
-            Self::ENDPOINT,
-            Self::idempotency_key(campaign, target),
-            &body,
-        )
+        GrantRequest::new(target, Self::ENDPOINT, Self::idempotency_key(campaign, target), &body)
     }
 }
 
@@ -125,30 +120,15 @@ mod tests {
             let e = "20271231235959";
             vec![
                 (row(campaign, 1, "", 1, e, "r"), "invalid_customer_uid"),
-                (
-                    row(campaign, 2, &"u".repeat(65), 1, e, "r"),
-                    "invalid_customer_uid",
-                ),
+                (row(campaign, 2, &"u".repeat(65), 1, e, "r"), "invalid_customer_uid"),
                 (row(campaign, 3, "u", 0, e, "r"), "invalid_amount"),
                 (row(campaign, 4, "u", -5, e, "r"), "invalid_amount"),
                 (row(campaign, 5, "u", 1_000_001, e, "r"), "invalid_amount"),
-                (
-                    row(campaign, 6, "u", 1, "2027123123595", "r"),
-                    "invalid_expiry_at",
-                ),
-                (
-                    row(campaign, 7, "u", 1, "20270231000000", "r"),
-                    "invalid_expiry_at",
-                ),
-                (
-                    row(campaign, 8, "u", 1, "20200101000000", "r"),
-                    "invalid_expiry_at",
-                ),
+                (row(campaign, 6, "u", 1, "2027123123595", "r"), "invalid_expiry_at"),
+                (row(campaign, 7, "u", 1, "20270231000000", "r"), "invalid_expiry_at"),
+                (row(campaign, 8, "u", 1, "20200101000000", "r"), "invalid_expiry_at"),
                 (row(campaign, 9, "u", 1, e, ""), "invalid_reason"),
-                (
-                    row(campaign, 10, "u", 1, e, &"r".repeat(256)),
-                    "invalid_reason",
-                ),
+                (row(campaign, 10, "u", 1, e, &"r".repeat(256)), "invalid_reason"),
             ]
         }
     }
@@ -160,14 +140,7 @@ mod tests {
 
     #[test]
     fn the_body_is_the_money_api_point_grant() {
-        let r = row(
-            CampaignId(43),
-            1_234_567,
-            "u-000001",
-            1500,
-            "20271231235959",
-            "winter sale",
-        );
+        let r = row(CampaignId(43), 1_234_567, "u-000001", 1500, "20271231235959", "winter sale");
         let req = Point::to_request(CampaignId(43), &r, &conformance::context()).unwrap();
         let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
         assert_eq!(

@@ -65,12 +65,7 @@ impl PayoutKind for Voucher {
             voucher_number: &row.voucher_number,
             reason: &row.reason,
         };
-        GrantRequest::new(
-            target,
-            Self::ENDPOINT,
-            Self::idempotency_key(campaign, target),
-            &body,
-        )
+        GrantRequest::new(target, Self::ENDPOINT, Self::idempotency_key(campaign, target), &body)
     }
 }
 
@@ -97,20 +92,11 @@ mod tests {
         fn invalid(campaign: CampaignId) -> Vec<(VoucherRow, &'static str)> {
             vec![
                 (row(campaign, 1, "", "V-1", "r"), "invalid_customer_uid"),
-                (
-                    row(campaign, 2, &"u".repeat(65), "V-1", "r"),
-                    "invalid_customer_uid",
-                ),
+                (row(campaign, 2, &"u".repeat(65), "V-1", "r"), "invalid_customer_uid"),
                 (row(campaign, 3, "u", "", "r"), "invalid_voucher_number"),
-                (
-                    row(campaign, 4, "u", &"V".repeat(65), "r"),
-                    "invalid_voucher_number",
-                ),
+                (row(campaign, 4, "u", &"V".repeat(65), "r"), "invalid_voucher_number"),
                 (row(campaign, 5, "u", "V-1", ""), "invalid_reason"),
-                (
-                    row(campaign, 6, "u", "V-1", &"r".repeat(256)),
-                    "invalid_reason",
-                ),
+                (row(campaign, 6, "u", "V-1", &"r".repeat(256)), "invalid_reason"),
             ]
         }
     }

@@ -15,28 +15,18 @@ async fn operator_commands_follow_the_state_machine_and_are_audited() -> anyhow:
     assert_eq!(out.trim(), "campaign 42: READY -> RUNNING");
     let (ok, _, err) = cli(&db, &["campaign", "start", "42"]).await?;
     assert!(!ok);
-    assert_eq!(
-        err.trim(),
-        "payoutd: error: campaign 42: cannot start a campaign that is RUNNING"
-    );
-    for (cmd, want) in [
-        ("pause", "PAUSED"),
-        ("resume", "RUNNING"),
-        ("stop", "STOPPED"),
-        ("resume", "RUNNING"),
-    ] {
+    assert_eq!(err.trim(), "payoutd: error: campaign 42: cannot start a campaign that is RUNNING");
+    for (cmd, want) in
+        [("pause", "PAUSED"), ("resume", "RUNNING"), ("stop", "STOPPED"), ("resume", "RUNNING")]
+    {
         let (ok, _, err) = cli(&db, &["campaign", cmd, "42"]).await?;
         assert!(ok, "{cmd}: {err}");
         assert_eq!(db.status(42).await?, want);
     }
-    db.exec("UPDATE campaigns SET status = 'COMPLETED' WHERE id = 42")
-        .await?;
+    db.exec("UPDATE campaigns SET status = 'COMPLETED' WHERE id = 42").await?;
     let (ok, _, err) = cli(&db, &["campaign", "start", "42"]).await?;
     assert!(!ok);
-    assert!(
-        err.contains("cannot start a campaign that is COMPLETED"),
-        "{err}"
-    );
+    assert!(err.contains("cannot start a campaign that is COMPLETED"), "{err}");
     assert_eq!(err.trim().lines().count(), 1);
     let (ok, _, err) = cli(&db, &["campaign", "pause", "99"]).await?;
     assert!(!ok);
@@ -46,14 +36,9 @@ async fn operator_commands_follow_the_state_machine_and_are_audited() -> anyhow:
         .query("SELECT from_status, to_status, actor FROM campaign_events WHERE campaign_id = 42 ORDER BY id")
         .await?;
     assert_eq!(audit.len(), 5);
-    assert_eq!(
-        (audit[0].0.as_str(), audit[0].1.as_str()),
-        ("READY", "RUNNING")
-    );
+    assert_eq!((audit[0].0.as_str(), audit[0].1.as_str()), ("READY", "RUNNING"));
     assert!(
-        audit
-            .iter()
-            .all(|(_, _, actor)| actor.starts_with("cli:") && actor.len() > 4),
+        audit.iter().all(|(_, _, actor)| actor.starts_with("cli:") && actor.len() > 4),
         "{audit:?}"
     );
     db.drop_db().await
@@ -65,12 +50,9 @@ async fn status_reports_counts_failure_rate_and_json() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     db.campaign(43, "POINT", "winter points").await?;
     db.load_points(43, &point_rows(100)).await?;
-    db.exec("UPDATE point_targets SET status = 'SUCCEEDED' WHERE id <= 90")
-        .await?;
-    db.exec("UPDATE point_targets SET status = 'DEAD' WHERE id > 98")
-        .await?;
-    db.exec("UPDATE point_targets SET status = 'FAILED' WHERE id IN (97, 98)")
-        .await?;
+    db.exec("UPDATE point_targets SET status = 'SUCCEEDED' WHERE id <= 90").await?;
+    db.exec("UPDATE point_targets SET status = 'DEAD' WHERE id > 98").await?;
+    db.exec("UPDATE point_targets SET status = 'FAILED' WHERE id IN (97, 98)").await?;
     let (ok, out, err) = cli(&db, &["campaign", "status", "43", "--json"]).await?;
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out)?;
@@ -85,10 +67,7 @@ async fn status_reports_counts_failure_rate_and_json() -> anyhow::Result<()> {
     assert_eq!(v["rows_left"], 8);
     let (ok, out, _) = cli(&db, &["campaign", "list"]).await?;
     assert!(ok);
-    assert!(
-        out.contains("winter points") && out.contains("READY"),
-        "{out}"
-    );
+    assert!(out.contains("winter points") && out.contains("READY"), "{out}");
     let (ok, _, err) = cli(&db, &["campaign", "status", "44"]).await?;
     assert!(!ok);
     assert_eq!(err.trim(), "payoutd: error: campaign 44 does not exist");
@@ -141,8 +120,7 @@ async fn the_daemon_exits_cleanly_on_sigterm_and_never_logs_the_api_key() -> any
     let sim = sim(sim_config()).await?;
     db.campaign(43, "POINT", "p").await?;
     db.load_points(43, &point_rows(200)).await?;
-    db.exec("UPDATE campaigns SET status = 'RUNNING' WHERE id = 43")
-        .await?;
+    db.exec("UPDATE campaigns SET status = 'RUNNING' WHERE id = 43").await?;
     let daemon = Daemon::start(&db, &sim.base_url(), &[("PAYOUTD_LOG__FILTER", "debug")]).await?;
     wait_status(&db, 43, "COMPLETED", Duration::from_secs(60)).await?;
     let log = daemon.log_text();

@@ -24,15 +24,11 @@ async fn vouchers_and_points_with_shared_customers_are_each_granted_exactly_once
     // The same customers u-000000.. appear in both campaigns.
     db.load_vouchers(42, &voucher_rows(42, 10_000)).await?;
     db.load_points(43, &point_rows(10_000)).await?;
-    db.exec("UPDATE campaigns SET status = 'RUNNING' WHERE id IN (42, 43)")
-        .await?;
+    db.exec("UPDATE campaigns SET status = 'RUNNING' WHERE id IN (42, 43)").await?;
 
-    let mut daemon = Daemon::start(
-        &db,
-        &sim.base_url(),
-        &[("PAYOUTD_MONEY__RATE_LIMIT_PER_SEC", "5000")],
-    )
-    .await?;
+    let mut daemon =
+        Daemon::start(&db, &sim.base_url(), &[("PAYOUTD_MONEY__RATE_LIMIT_PER_SEC", "5000")])
+            .await?;
     wait_status(&db, 42, "COMPLETED", LONG).await?;
     wait_status(&db, 43, "COMPLETED", LONG).await?;
     daemon.assert_alive()?;
@@ -51,16 +47,12 @@ async fn vouchers_and_points_with_shared_customers_are_each_granted_exactly_once
     assert_eq!(ledger.grants_total, 20_000);
     assert_eq!(ledger.duplicate_grants, 0);
     assert_eq!(ledger.rate_limited_total, 0);
-    let grants: HashMap<String, String> = sim
-        .grants()
-        .into_iter()
-        .map(|g| (g.idempotency_key, g.transaction_id))
-        .collect();
+    let grants: HashMap<String, String> =
+        sim.grants().into_iter().map(|g| (g.idempotency_key, g.transaction_id)).collect();
     assert_eq!(grants.len(), 20_000);
-    for (table, prefix, event) in [
-        ("voucher_targets", "voucher", 42),
-        ("point_targets", "point", 43),
-    ] {
+    for (table, prefix, event) in
+        [("voucher_targets", "voucher", 42), ("point_targets", "point", 43)]
+    {
         let rows: Vec<(i64, Option<String>, i32)> = db
             .query(&format!(
                 "SELECT id, transaction_id, attempts FROM {table} WHERE event_id = {event}"
@@ -91,29 +83,17 @@ async fn running_campaigns_are_served_first_come_first_served() -> anyhow::Resul
     assert!(ok, "{err}");
     tokio::time::sleep(Duration::from_millis(20)).await;
     // The second is started directly in the database, as operators may.
-    db.exec("UPDATE campaigns SET status = 'RUNNING' WHERE id = 7")
-        .await?;
+    db.exec("UPDATE campaigns SET status = 'RUNNING' WHERE id = 7").await?;
 
-    let daemon = Daemon::start(
-        &db,
-        &sim.base_url(),
-        &[("PAYOUTD_MONEY__RATE_LIMIT_PER_SEC", "1000")],
-    )
-    .await?;
+    let daemon =
+        Daemon::start(&db, &sim.base_url(), &[("PAYOUTD_MONEY__RATE_LIMIT_PER_SEC", "1000")])
+            .await?;
     wait_status(&db, 7, "COMPLETED", LONG).await?;
     wait_status(&db, 9, "COMPLETED", LONG).await?;
 
     let grants = sim.grants();
-    let last_first = grants
-        .iter()
-        .filter(|g| g.campaign_id == 9)
-        .map(|g| g.at_ms)
-        .max();
-    let first_second = grants
-        .iter()
-        .filter(|g| g.campaign_id == 7)
-        .map(|g| g.at_ms)
-        .min();
+    let last_first = grants.iter().filter(|g| g.campaign_id == 9).map(|g| g.at_ms).max();
+    let first_second = grants.iter().filter(|g| g.campaign_id == 7).map(|g| g.at_ms).min();
     let (Some(last_first), Some(first_second)) = (last_first, first_second) else {
         anyhow::bail!("both campaigns must have grants");
     };
@@ -137,10 +117,8 @@ async fn ready_and_paused_campaigns_receive_no_request() -> anyhow::Result<()> {
     db.load_vouchers(1, &voucher_rows(1, 300)).await?;
     db.load_points(2, &point_rows(300)).await?;
     db.load_points(3, &point_rows(300)).await?;
-    db.exec("UPDATE campaigns SET status = 'PAUSED' WHERE id = 2")
-        .await?;
-    db.exec("UPDATE campaigns SET status = 'RUNNING' WHERE id = 3")
-        .await?;
+    db.exec("UPDATE campaigns SET status = 'PAUSED' WHERE id = 2").await?;
+    db.exec("UPDATE campaigns SET status = 'RUNNING' WHERE id = 3").await?;
 
     let daemon = Daemon::start(&db, &sim.base_url(), &[]).await?;
     wait_status(&db, 3, "COMPLETED", LONG).await?;
@@ -148,19 +126,13 @@ async fn ready_and_paused_campaigns_receive_no_request() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let ledger = sim.ledger();
-    assert_eq!(
-        ledger.requests_total, 300,
-        "only the RUNNING campaign's rows are requested"
-    );
+    assert_eq!(ledger.requests_total, 300, "only the RUNNING campaign's rows are requested");
     assert!(sim.grants().iter().all(|g| g.campaign_id == 3));
     assert_eq!(
         db.counts("voucher_targets", 1).await?,
         BTreeMap::from([("PENDING".to_owned(), 300)])
     );
-    assert_eq!(
-        db.counts("point_targets", 2).await?,
-        BTreeMap::from([("PENDING".to_owned(), 300)])
-    );
+    assert_eq!(db.counts("point_targets", 2).await?, BTreeMap::from([("PENDING".to_owned(), 300)]));
     assert_eq!(db.status(1).await?, "READY");
     assert_eq!(db.status(2).await?, "PAUSED");
     daemon.terminate(Duration::from_secs(15)).await?;
@@ -182,14 +154,10 @@ async fn with_a_limit_of_200_per_second_no_second_carries_more_than_200() -> any
     .await?;
     db.campaign(5, "POINT", "paced").await?;
     db.load_points(5, &point_rows(1_400)).await?;
-    db.exec("UPDATE campaigns SET status = 'RUNNING' WHERE id = 5")
-        .await?;
-    let daemon = Daemon::start(
-        &db,
-        &sim.base_url(),
-        &[("PAYOUTD_MONEY__RATE_LIMIT_PER_SEC", "200")],
-    )
-    .await?;
+    db.exec("UPDATE campaigns SET status = 'RUNNING' WHERE id = 5").await?;
+    let daemon =
+        Daemon::start(&db, &sim.base_url(), &[("PAYOUTD_MONEY__RATE_LIMIT_PER_SEC", "200")])
+            .await?;
     wait_status(&db, 5, "COMPLETED", LONG).await?;
 
     let ledger = sim.ledger();
@@ -231,22 +199,13 @@ async fn the_partition_plan_follows_the_rule_and_is_stored() -> anyhow::Result<(
     for id in 1..=4 {
         wait_status(&db, id, "COMPLETED", LONG).await?;
     }
-    let plans: Vec<(i64, i64, i64)> = db
-        .query("SELECT id, partition_count, planned_rows FROM campaigns ORDER BY id")
-        .await?;
+    let plans: Vec<(i64, i64, i64)> =
+        db.query("SELECT id, partition_count, planned_rows FROM campaigns ORDER BY id").await?;
     assert_eq!(plans, vec![(1, 4, 9), (2, 6, 10), (3, 6, 19), (4, 8, 20)]);
     let slices: Vec<(i64, i64, i64, i64)> = db
         .query("SELECT campaign_id, COUNT(*), MIN(bucket_lo), MAX(bucket_hi) FROM campaign_partitions GROUP BY campaign_id")
         .await?;
-    assert_eq!(
-        slices,
-        vec![
-            (1, 4, 0, 840),
-            (2, 6, 0, 840),
-            (3, 6, 0, 840),
-            (4, 8, 0, 840)
-        ]
-    );
+    assert_eq!(slices, vec![(1, 4, 0, 840), (2, 6, 0, 840), (3, 6, 0, 840), (4, 8, 0, 840)]);
     daemon.terminate(Duration::from_secs(15)).await?;
     sim.shutdown().await;
     db.drop_db().await
@@ -263,26 +222,18 @@ async fn the_loader_inserts_of_the_contract_work_unchanged() -> anyhow::Result<(
     db.exec("INSERT INTO campaigns (id, kind, name) VALUES (43, 'POINT', 'winter points');")
         .await?;
     db.exec("INSERT INTO point_targets (event_id, customer_uid, amount, expiry_at, reason) VALUES (43, 'u-1', 1500, '20271231235959', 'winter sale');").await?;
-    let campaigns: Vec<(i64, String, String, String)> = db
-        .query("SELECT id, kind, name, status FROM campaigns ORDER BY id")
-        .await?;
+    let campaigns: Vec<(i64, String, String, String)> =
+        db.query("SELECT id, kind, name, status FROM campaigns ORDER BY id").await?;
     assert_eq!(
         campaigns,
         vec![
-            (
-                42,
-                "VOUCHER".into(),
-                "winter vouchers".into(),
-                "READY".into()
-            ),
+            (42, "VOUCHER".into(), "winter vouchers".into(), "READY".into()),
             (43, "POINT".into(), "winter points".into(), "READY".into())
         ]
     );
     for table in ["voucher_targets", "point_targets"] {
         let row: Vec<FreshRow> = db
-            .query(&format!(
-                "SELECT id, status, attempts, transaction_id, last_error FROM {table}"
-            ))
+            .query(&format!("SELECT id, status, attempts, transaction_id, last_error FROM {table}"))
             .await?;
         assert_eq!(row, vec![(1, "PENDING".into(), 0, None, None)], "{table}");
     }

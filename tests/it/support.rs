@@ -52,33 +52,18 @@ impl TestDb {
                 .context("cannot reach the test MariaDB (PAYOUTD_TEST_DATABASE_URL)")?;
             let existing: Vec<String> = c.query("SHOW DATABASES LIKE 'payoutd\\_t\\_%'").await?;
             for db in existing {
-                let born = db
-                    .split('_')
-                    .nth(2)
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .unwrap_or(now);
+                let born = db.split('_').nth(2).and_then(|s| s.parse::<u64>().ok()).unwrap_or(now);
                 if now.saturating_sub(born) > LEFTOVER_AGE_SECS {
-                    let _ = c
-                        .query_drop(format!("DROP DATABASE IF EXISTS `{db}`"))
-                        .await;
+                    let _ = c.query_drop(format!("DROP DATABASE IF EXISTS `{db}`")).await;
                 }
             }
-            c.query_drop(format!("CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
-                .await?;
+            c.query_drop(format!("CREATE DATABASE `{name}` CHARACTER SET utf8mb4")).await?;
         }
         let url = format!("{}/{name}", server_url().trim_end_matches('/'));
-        let db = TestDb {
-            pool: mysql_async::Pool::new(url.as_str()),
-            url,
-            name,
-            admin,
-        };
+        let db = TestDb { pool: mysql_async::Pool::new(url.as_str()), url, name, admin };
         let out = payoutd(&db, None).args(["migrate"]).output().await?;
         if !out.status.success() {
-            bail!(
-                "payoutd migrate failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("payoutd migrate failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(db)
     }
@@ -153,9 +138,7 @@ impl TestDb {
         let s: Option<String> = self
             .conn()
             .await?
-            .query_first(format!(
-                "SELECT status FROM campaigns WHERE id = {campaign}"
-            ))
+            .query_first(format!("SELECT status FROM campaigns WHERE id = {campaign}"))
             .await?;
         s.context("no such campaign")
     }
@@ -177,8 +160,7 @@ impl TestDb {
     pub async fn drop_db(self) -> anyhow::Result<()> {
         self.pool.disconnect().await?;
         let mut c = self.admin.get_conn().await?;
-        c.query_drop(format!("DROP DATABASE IF EXISTS `{}`", self.name))
-            .await?;
+        c.query_drop(format!("DROP DATABASE IF EXISTS `{}`", self.name)).await?;
         drop(c);
         self.admin.disconnect().await?;
         Ok(())
@@ -188,13 +170,7 @@ impl TestDb {
 /// Voucher rows `u-<i>` / `V-<event>-<i>`.
 pub fn voucher_rows(event: i64, n: usize) -> Vec<(String, String, String)> {
     (0..n)
-        .map(|i| {
-            (
-                format!("u-{i:06}"),
-                format!("V-{event}-{i:06}"),
-                "winter sale".to_owned(),
-            )
-        })
+        .map(|i| (format!("u-{i:06}"), format!("V-{event}-{i:06}"), "winter sale".to_owned()))
         .collect()
 }
 
@@ -225,16 +201,10 @@ pub fn payoutd_path() -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .context("no target dir")?;
+    let dir = exe.parent().and_then(|d| d.parent()).context("no target dir")?;
     let p = dir.join("payoutd");
     if !p.exists() {
-        bail!(
-            "{} is missing: run `cargo build --workspace --bins` before the tests",
-            p.display()
-        );
+        bail!("{} is missing: run `cargo build --workspace --bins` before the tests", p.display());
     }
     Ok(p)
 }
@@ -254,8 +224,7 @@ pub fn payoutd(db: &TestDb, money_url: Option<&str>) -> tokio::process::Command 
         .stdin(Stdio::null())
         .kill_on_drop(true);
     if let Some(url) = money_url {
-        cmd.env("PAYOUTD_MONEY__BASE_URL", url)
-            .env("PAYOUTD_MONEY__API_KEY", SIM_KEY);
+        cmd.env("PAYOUTD_MONEY__BASE_URL", url).env("PAYOUTD_MONEY__API_KEY", SIM_KEY);
     }
     cmd
 }
@@ -295,17 +264,11 @@ impl Daemon {
     /// SIGTERM, then wait for the exit (at most `within`).
     pub async fn terminate(mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
         if let Some(pid) = self.child.id() {
-            std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status()?;
+            std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
         }
-        let status = tokio::time::timeout(within, self.child.wait())
-            .await
-            .with_context(|| {
-                format!(
-                    "payoutd did not exit within {within:?}; log:\n{}",
-                    self.log_text()
-                )
+        let status =
+            tokio::time::timeout(within, self.child.wait()).await.with_context(|| {
+                format!("payoutd did not exit within {within:?}; log:\n{}", self.log_text())
             })??;
         Ok(status)
     }
@@ -313,10 +276,7 @@ impl Daemon {
     /// Fails if the daemon has exited (with its log).
     pub fn assert_alive(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
-            bail!(
-                "payoutd exited early with {status}; log:\n{}",
-                self.log_text()
-            );
+            bail!("payoutd exited early with {status}; log:\n{}", self.log_text());
         }
         Ok(())
     }
@@ -347,11 +307,9 @@ pub async fn wait_status(
     want: &str,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    eventually(
-        timeout,
-        &format!("campaign {campaign} to be {want}"),
-        || async { Ok((db.status(campaign).await? == want).then_some(())) },
-    )
+    eventually(timeout, &format!("campaign {campaign} to be {want}"), || async {
+        Ok((db.status(campaign).await? == want).then_some(()))
+    })
     .await
 }
 
@@ -366,8 +324,5 @@ pub async fn cli(db: &TestDb, args: &[&str]) -> anyhow::Result<(bool, String, St
 }
 
 pub fn sim_config() -> SimConfig {
-    SimConfig {
-        api_key: SIM_KEY.to_owned(),
-        ..SimConfig::default()
-    }
+    SimConfig { api_key: SIM_KEY.to_owned(), ..SimConfig::default() }
 }

@@ -4,7 +4,7 @@
 //! `money-sim listening on http://ADDR`, and stops on SIGINT or SIGTERM. Logs go to stderr
 //! (`RUST_LOG`, default `info`). Admin endpoints are under `/_sim/` (see `payout_tests::money_sim`).
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
@@ -20,12 +20,7 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// The X-Api-Key value grant requests must carry.
-    #[arg(
-        long,
-        env = "MONEY_SIM_API_KEY",
-        default_value = "sim-key",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "MONEY_SIM_API_KEY", default_value = "sim-key", hide_env_values = true)]
     api_key: String,
     /// Grant requests admitted per sliding second before answering 429 (0 = unlimited).
     #[arg(long, default_value_t = 0)]
@@ -64,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
@@ -108,7 +104,5 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
 
 #[cfg(not(unix))]
 async fn wait_for_stop_signal() -> anyhow::Result<()> {
-    tokio::signal::ctrl_c()
-        .await
-        .context("money-sim could not listen for Ctrl-C")
+    tokio::signal::ctrl_c().await.context("money-sim could not listen for Ctrl-C")
 }

@@ -72,11 +72,7 @@ pub(crate) fn parse(endpoint: Endpoint, raw: &[u8]) -> Result<GrantBody<'_>, Str
             let body: VoucherBody<'_> = serde_json::from_slice(raw)
                 .map_err(|e| format!("the body is not a valid voucher grant: {e}"))?;
             check_text("customer_uid", &body.customer_uid, MAX_UID_CHARS)?;
-            check_text(
-                "voucher_number",
-                &body.voucher_number,
-                MAX_VOUCHER_NUMBER_CHARS,
-            )?;
+            check_text("voucher_number", &body.voucher_number, MAX_VOUCHER_NUMBER_CHARS)?;
             check_text("reason", &body.reason, MAX_REASON_CHARS)?;
             let canonical = canonical_json(&body)?;
             Ok(GrantBody {
@@ -121,9 +117,7 @@ fn check_text(field: &str, value: &str, max_chars: usize) -> Result<(), String> 
     }
     let chars = value.chars().count();
     if chars > max_chars {
-        return Err(format!(
-            "{field} must be at most {max_chars} characters, got {chars}"
-        ));
+        return Err(format!("{field} must be at most {max_chars} characters, got {chars}"));
     }
     Ok(())
 }
@@ -135,14 +129,9 @@ fn is_valid_expiry(value: &str) -> bool {
         return false;
     }
     let field = |from: usize, to: usize| value.get(from..to).and_then(|s| s.parse::<u32>().ok());
-    let (Some(year), Some(month), Some(day), Some(hour), Some(minute), Some(second)) = (
-        field(0, 4),
-        field(4, 6),
-        field(6, 8),
-        field(8, 10),
-        field(10, 12),
-        field(12, 14),
-    ) else {
+    let (Some(year), Some(month), Some(day), Some(hour), Some(minute), Some(second)) =
+        (field(0, 4), field(4, 6), field(6, 8), field(8, 10), field(10, 12), field(12, 14))
+    else {
         return false;
     };
     let Ok(year) = i32::try_from(year) else {
@@ -166,9 +155,7 @@ pub(crate) fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<&str, &
     if !bytes.iter().all(|b| (b' '..=b'~').contains(b)) {
         return Err("Idempotency-Key must be printable ASCII");
     }
-    value
-        .to_str()
-        .map_err(|_| "Idempotency-Key must be printable ASCII")
+    value.to_str().map_err(|_| "Idempotency-Key must be printable ASCII")
 }
 
 #[cfg(test)]
@@ -231,11 +218,7 @@ mod tests {
             br#"{"campaign_id":1,"customer_uid":"u","voucher_number":"v","reason":"r","amount":1}"#,
         ];
         for raw in vouchers {
-            assert!(
-                parse(Endpoint::Vouchers, raw).is_err(),
-                "{}",
-                String::from_utf8_lossy(raw)
-            );
+            assert!(parse(Endpoint::Vouchers, raw).is_err(), "{}", String::from_utf8_lossy(raw));
         }
         let points: &[&[u8]] = &[
             br#"{"campaign_id":1,"customer_uid":"u","amount":0,"expiry_at":"20271231235959","reason":"r"}"#,
@@ -247,11 +230,7 @@ mod tests {
             br#"{"campaign_id":1,"customer_uid":"u","voucher_number":"v","reason":"r"}"#,
         ];
         for raw in points {
-            assert!(
-                parse(Endpoint::Points, raw).is_err(),
-                "{}",
-                String::from_utf8_lossy(raw)
-            );
+            assert!(parse(Endpoint::Points, raw).is_err(), "{}", String::from_utf8_lossy(raw));
         }
     }
 

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, State};
 use axum::http::header::RETRY_AFTER;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -49,11 +49,7 @@ struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
+        ApiError { status, code, message: message.into() }
     }
 
     fn invalid(message: impl Into<Cow<'static, str>>) -> Self {
@@ -73,17 +69,9 @@ struct ErrorBody<'a> {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(ErrorBody {
-            code: self.code,
-            message: &self.message,
-        });
+        let body = Json(ErrorBody { code: self.code, message: &self.message });
         if self.status == StatusCode::TOO_MANY_REQUESTS {
-            (
-                self.status,
-                [(RETRY_AFTER, HeaderValue::from_static("1"))],
-                body,
-            )
-                .into_response()
+            (self.status, [(RETRY_AFTER, HeaderValue::from_static("1"))], body).into_response()
         } else {
             (self.status, body).into_response()
         }
@@ -139,14 +127,9 @@ async fn grant(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     match process(sim, endpoint, conn, headers, body).await {
-        Reply::Granted {
-            transaction_id,
-            replayed,
-        } => Json(GrantOk {
-            transaction_id: &transaction_id,
-            replayed,
-        })
-        .into_response(),
+        Reply::Granted { transaction_id, replayed } => {
+            Json(GrantOk { transaction_id: &transaction_id, replayed }).into_response()
+        }
         Reply::Failed(error) => {
             sim.record_status(error.status.as_u16());
             error.into_response()
@@ -169,31 +152,31 @@ enum Fault {
     Outage(OutageMode),
 }
 
-/// Rolls the dice once per request; the thread-local RNG never lives across an `.await`.
-fn decide(faults: &Faults, now: Instant) -> (Duration, Fault) {
-    let mut rng = rand::rng();
-    let latency_ms = if faults.latency_jitter_ms == 0 {
+/// Mean latency with uniform jitter, clamped at 0.
+fn latency(faults: &Faults) -> Duration {
+    let jitter = faults.latency_jitter_ms;
+    let ms = if jitter == 0 {
         faults.latency_ms
     } else {
-        let jitter = faults.latency_jitter_ms;
-        let offset = rng.random_range(0..=jitter.saturating_mul(2));
-        faults
-            .latency_ms
-            .saturating_add(offset)
-            .saturating_sub(jitter)
+        let offset = rand::rng().random_range(0..=jitter.saturating_mul(2));
+        faults.latency_ms.saturating_add(offset).saturating_sub(jitter)
     };
-    let fault = if let Some(mode) = faults.active_outage(now) {
-        Fault::Outage(mode)
-    } else if faults.fail_5xx_share > 0.0 && rng.random::<f64>() < faults.fail_5xx_share {
+    Duration::from_millis(ms)
+}
+
+/// Rolls the dice once per request; the thread-local RNG never lives across an `.await`.
+fn decide(faults: &Faults, now: Instant) -> Fault {
+    if let Some(mode) = faults.active_outage(now) {
+        return Fault::Outage(mode);
+    }
+    let mut rng = rand::rng();
+    if faults.fail_5xx_share > 0.0 && rng.random::<f64>() < faults.fail_5xx_share {
         Fault::Fail503
     } else if faults.timeout_share > 0.0 && rng.random::<f64>() < faults.timeout_share {
-        Fault::Hang {
-            grant_first: rng.random::<bool>(),
-        }
+        Fault::Hang { grant_first: rng.random::<bool>() }
     } else {
         Fault::None
-    };
-    (Duration::from_millis(latency_ms), fault)
+    }
 }
 
 async fn process(
@@ -237,18 +220,19 @@ async fn process(
     let generation = match sim.lookup(key, &grant) {
         KeyState::Fresh { generation } => generation,
         KeyState::Replay { transaction_id } => {
-            return Reply::Granted {
-                transaction_id,
-                replayed: true,
-            };
+            return Reply::Granted { transaction_id, replayed: true };
         }
         KeyState::Reused => return key_reused().into(),
     };
 
-    let (latency, fault) = decide(&sim.current_faults(), Instant::now());
+    let mut faults = sim.current_faults();
+    let latency = latency(&faults);
     if !latency.is_zero() {
         sim.sleep_unless_shutdown(latency).await;
+        // An outage may have started (or ended) while this request waited.
+        faults = sim.current_faults();
     }
+    let fault = decide(&faults, Instant::now());
     let grant_then_hang = match fault {
         Fault::None => false,
         Fault::Hang { grant_first } => {
@@ -302,14 +286,8 @@ fn business_and_grant(
         .into();
     }
     match sim.commit(generation, key, endpoint, grant) {
-        Commit::Granted { transaction_id } => Reply::Granted {
-            transaction_id,
-            replayed: false,
-        },
-        Commit::Replay { transaction_id } => Reply::Granted {
-            transaction_id,
-            replayed: true,
-        },
+        Commit::Granted { transaction_id } => Reply::Granted { transaction_id, replayed: false },
+        Commit::Replay { transaction_id } => Reply::Granted { transaction_id, replayed: true },
         Commit::Reused => key_reused().into(),
         Commit::VoucherAlreadyIssued => ApiError::new(
             StatusCode::CONFLICT,
@@ -348,19 +326,21 @@ async fn faults(sim: Sim) -> Response {
     Json(sim.fault_state()).into_response()
 }
 
-async fn set_faults(sim: Sim, update: Result<Json<FaultUpdate>, JsonRejection>) -> Response {
-    let update = match update {
-        Ok(Json(update)) => update,
-        Err(rejection) => {
-            return ApiError::invalid(format!("invalid fault update: {}", rejection.body_text()))
-                .into_response();
+/// Accepts the JSON body whatever its content type, so `curl -d '{...}'` works.
+async fn set_faults(sim: Sim, raw: Result<Bytes, BytesRejection>) -> Response {
+    let update = raw
+        .map_err(|rejection| rejection.body_text())
+        .and_then(|raw| serde_json::from_slice::<FaultUpdate>(&raw).map_err(|e| e.to_string()))
+        .and_then(|update| update.validate().map(|()| update));
+    match update {
+        Ok(update) => {
+            sim.apply_faults(&update);
+            Json(sim.fault_state()).into_response()
         }
-    };
-    if let Err(message) = update.validate() {
-        return ApiError::invalid(message).into_response();
+        Err(message) => {
+            ApiError::invalid(format!("invalid fault update: {message}")).into_response()
+        }
     }
-    sim.apply_faults(&update);
-    Json(sim.fault_state()).into_response()
 }
 
 async fn reset(sim: Sim) -> Response {

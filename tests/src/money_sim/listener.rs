@@ -78,9 +78,7 @@ impl Listener for SimListener {
 
     fn local_addr(&self) -> io::Result<ConnHandle> {
         // Only called for diagnostics; the listener itself has no connection to close.
-        self.inner
-            .local_addr()
-            .map(|_: SocketAddr| ConnHandle { closer: None })
+        self.inner.local_addr().map(|_: SocketAddr| ConnHandle { closer: None })
     }
 }
 

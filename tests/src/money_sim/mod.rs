@@ -106,10 +106,9 @@ impl fmt::Debug for SimConfig {
 impl SimConfig {
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(!self.api_key.is_empty(), "api_key must not be empty");
-        for (name, share) in [
-            ("fail_5xx_share", self.fail_5xx_share),
-            ("timeout_share", self.timeout_share),
-        ] {
+        for (name, share) in
+            [("fail_5xx_share", self.fail_5xx_share), ("timeout_share", self.timeout_share)]
+        {
             anyhow::ensure!(
                 (0.0..=1.0).contains(&share),
                 "{name} must be within [0, 1], got {share}"
@@ -128,7 +127,7 @@ pub struct GrantRecord {
     pub campaign_id: i64,
     pub customer_uid: String,
     pub transaction_id: String,
-    /// The request body as granted (all fields, canonical order).
+    /// The request body as granted, with every field.
     pub body: serde_json::Value,
     /// Milliseconds since the simulator started.
     pub at_ms: u64,
@@ -188,10 +187,9 @@ pub struct FaultUpdate {
 
 impl FaultUpdate {
     fn validate(&self) -> Result<(), String> {
-        for (name, share) in [
-            ("fail_5xx_share", self.fail_5xx_share),
-            ("timeout_share", self.timeout_share),
-        ] {
+        for (name, share) in
+            [("fail_5xx_share", self.fail_5xx_share), ("timeout_share", self.timeout_share)]
+        {
             match share {
                 Some(share) if !(0.0..=1.0).contains(&share) => {
                     return Err(format!("{name} must be within [0, 1], got {share}"));
@@ -249,9 +247,7 @@ pub struct MoneySim {
 
 impl fmt::Debug for MoneySim {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MoneySim")
-            .field("local_addr", &self.local_addr)
-            .finish_non_exhaustive()
+        f.debug_struct("MoneySim").field("local_addr", &self.local_addr).finish_non_exhaustive()
     }
 }
 
@@ -263,9 +259,7 @@ impl MoneySim {
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("money-sim could not bind {addr}"))?;
-        let local_addr = tcp
-            .local_addr()
-            .context("money-sim could not read its bound address")?;
+        let local_addr = tcp.local_addr().context("money-sim could not read its bound address")?;
         let shared = Arc::new(Shared::new(&cfg));
         let app =
             http::router(Arc::clone(&shared)).into_make_service_with_connect_info::<ConnHandle>();
@@ -280,11 +274,7 @@ impl MoneySim {
             }
         });
         tracing::info!(%local_addr, config = ?cfg, "money-sim started");
-        Ok(MoneySim {
-            shared,
-            local_addr,
-            task: Some(task),
-        })
+        Ok(MoneySim { shared, local_addr, task: Some(task) })
     }
 
     /// `http://IP:PORT`; an unspecified bind address (`0.0.0.0`, `::`) is given as loopback.
@@ -333,10 +323,7 @@ impl MoneySim {
     pub async fn shutdown(mut self) {
         self.shared.begin_shutdown();
         if let Some(mut task) = self.task.take() {
-            if tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut task).await.is_err() {
                 tracing::warn!(
                     grace_ms = SHUTDOWN_GRACE.as_millis() as u64,
                     "money-sim connections did not close in time; aborting the server task"

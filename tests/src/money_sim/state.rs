@@ -49,17 +49,12 @@ impl Faults {
     }
 
     pub(crate) fn active_outage(&self, now: Instant) -> Option<OutageMode> {
-        self.outage
-            .and_then(|(mode, until)| (now < until).then_some(mode))
+        self.outage.and_then(|(mode, until)| (now < until).then_some(mode))
     }
 }
 
 fn clamp_share(share: f64) -> f64 {
-    if share.is_nan() {
-        0.0
-    } else {
-        share.clamp(0.0, 1.0)
-    }
+    if share.is_nan() { 0.0 } else { share.clamp(0.0, 1.0) }
 }
 
 /// One effective grant. The transaction id is derived from the grant's position.
@@ -149,15 +144,10 @@ impl Store {
 
     fn check_key(&mut self, key: &str, canonical: &str) -> Option<KeyState> {
         let &index = self.keys.get(key)?;
-        let same_body = self
-            .grants
-            .get(index)
-            .is_some_and(|g| &*g.canonical == canonical);
+        let same_body = self.grants.get(index).is_some_and(|g| &*g.canonical == canonical);
         if same_body {
             self.replays_total += 1;
-            Some(KeyState::Replay {
-                transaction_id: self.transaction_id(index),
-            })
+            Some(KeyState::Replay { transaction_id: self.transaction_id(index) })
         } else {
             Some(KeyState::Reused)
         }
@@ -165,9 +155,7 @@ impl Store {
 
     pub(crate) fn lookup(&mut self, key: &str, body: &GrantBody<'_>) -> KeyState {
         self.check_key(key, &body.canonical)
-            .unwrap_or(KeyState::Fresh {
-                generation: self.generation,
-            })
+            .unwrap_or(KeyState::Fresh { generation: self.generation })
     }
 
     pub(crate) fn commit(
@@ -198,16 +186,8 @@ impl Store {
         let canonical: Arc<str> = Arc::from(body.canonical.as_str());
         self.keys.insert(Arc::clone(&key), index);
         self.bodies.insert(Arc::clone(&canonical));
-        self.grants.push(Grant {
-            key,
-            canonical,
-            endpoint,
-            campaign_id: body.campaign_id,
-            at_ms,
-        });
-        Commit::Granted {
-            transaction_id: self.transaction_id(index),
-        }
+        self.grants.push(Grant { key, canonical, endpoint, campaign_id: body.campaign_id, at_ms });
+        Commit::Granted { transaction_id: self.transaction_id(index) }
     }
 }
 
@@ -227,9 +207,7 @@ impl StatusCounters {
     }
 
     fn get(&self, status: u16) -> u64 {
-        self.0
-            .get(usize::from(status))
-            .map_or(0, |slot| slot.load(Ordering::Relaxed))
+        self.0.get(usize::from(status)).map_or(0, |slot| slot.load(Ordering::Relaxed))
     }
 
     fn clear(&self) {
@@ -288,9 +266,7 @@ impl Shared {
     }
 
     pub(crate) fn customer_unknown(&self, customer_uid: &str) -> bool {
-        self.not_found_prefix
-            .as_deref()
-            .is_some_and(|prefix| customer_uid.starts_with(prefix))
+        self.not_found_prefix.as_deref().is_some_and(|prefix| customer_uid.starts_with(prefix))
     }
 
     pub(crate) fn hang_duration(&self) -> Duration {

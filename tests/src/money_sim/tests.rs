@@ -16,10 +16,7 @@ const VOUCHERS: &str = "/v1/vouchers/grants";
 const POINTS: &str = "/v1/points/grants";
 
 fn config() -> SimConfig {
-    SimConfig {
-        api_key: API_KEY.to_owned(),
-        ..SimConfig::default()
-    }
+    SimConfig { api_key: API_KEY.to_owned(), ..SimConfig::default() }
 }
 
 async fn start(cfg: SimConfig) -> Result<MoneySim> {
@@ -96,10 +93,7 @@ impl Client {
             .timeout(timeout)
             .build()
             .context("building the test HTTP client")?;
-        Ok(Client {
-            http,
-            base: sim.base_url(),
-        })
+        Ok(Client { http, base: sim.base_url() })
     }
 
     async fn send(
@@ -122,13 +116,9 @@ impl Client {
 
     /// A grant request with the right API key.
     async fn grant(&self, path: &str, key: &str, body: &Value) -> Result<Answer> {
-        self.send(
-            path,
-            &[("x-api-key", API_KEY), ("idempotency-key", key)],
-            body.to_string(),
-        )
-        .await
-        .with_context(|| format!("POST {path} with key {key}"))
+        self.send(path, &[("x-api-key", API_KEY), ("idempotency-key", key)], body.to_string())
+            .await
+            .with_context(|| format!("POST {path} with key {key}"))
     }
 
     async fn admin_get(&self, path: &str) -> Result<Answer> {
@@ -148,23 +138,13 @@ impl Client {
 
 async fn read_answer(response: reqwest::Response) -> reqwest::Result<Answer> {
     let status = response.status().as_u16();
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
+    let header =
+        |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let retry_after = header("retry-after");
     let content_type = header("content-type");
     let text = response.text().await?;
     let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-    Ok(Answer {
-        status,
-        retry_after,
-        content_type,
-        body,
-    })
+    Ok(Answer { status, retry_after, content_type, body })
 }
 
 /// Polls `probe` until it yields a value or `within` has passed.
@@ -195,10 +175,7 @@ async fn a_missing_or_wrong_api_key_is_401() -> Result<()> {
     ];
     for headers in cases {
         let answer = client.send(VOUCHERS, headers, body.clone()).await?;
-        ensure!(
-            answer.is_error(401, "unauthorized"),
-            "{headers:?}: {answer:?}"
-        );
+        ensure!(answer.is_error(401, "unauthorized"), "{headers:?}: {answer:?}");
     }
     let ledger = sim.ledger();
     assert_eq!(ledger.requests_total, 3);
@@ -217,10 +194,7 @@ async fn a_grant_replays_with_the_same_transaction_and_counts_once() -> Result<(
     let first = client.grant(POINTS, "row-1", &body).await?;
     assert_eq!(first.status, 200, "{first:?}");
     assert_eq!(first.replayed(), Some(false));
-    let tx = first
-        .transaction_id()
-        .context("no transaction id")?
-        .to_owned();
+    let tx = first.transaction_id().context("no transaction id")?.to_owned();
 
     let again = client.grant(POINTS, "row-1", &body).await?;
     assert_eq!(again.status, 200);
@@ -231,11 +205,7 @@ async fn a_grant_replays_with_the_same_transaction_and_counts_once() -> Result<(
     let reordered = r#"{ "reason":"winter sale", "expiry_at":"20271231235959", "amount":1500,
         "customer_uid":"u-000001", "campaign_id":43 }"#;
     let third = client
-        .send(
-            POINTS,
-            &[("x-api-key", API_KEY), ("idempotency-key", "row-1")],
-            reordered.to_owned(),
-        )
+        .send(POINTS, &[("x-api-key", API_KEY), ("idempotency-key", "row-1")], reordered.to_owned())
         .await?;
     assert_eq!(third.transaction_id(), Some(tx.as_str()));
     assert_eq!(third.replayed(), Some(true));
@@ -274,26 +244,12 @@ async fn a_grant_replays_with_the_same_transaction_and_counts_once() -> Result<(
 async fn a_key_reused_with_another_body_is_422() -> Result<()> {
     let sim = start(config()).await?;
     let client = Client::new(&sim)?;
-    assert_eq!(
-        client
-            .grant(POINTS, "k", &point(1, "u-1", 10))
-            .await?
-            .status,
-        200
-    );
+    assert_eq!(client.grant(POINTS, "k", &point(1, "u-1", 10)).await?.status, 200);
 
     let other_amount = client.grant(POINTS, "k", &point(1, "u-1", 11)).await?;
-    ensure!(
-        other_amount.is_error(422, "idempotency_key_reused"),
-        "{other_amount:?}"
-    );
-    let other_endpoint = client
-        .grant(VOUCHERS, "k", &voucher(1, "u-1", "V-1"))
-        .await?;
-    ensure!(
-        other_endpoint.is_error(422, "idempotency_key_reused"),
-        "{other_endpoint:?}"
-    );
+    ensure!(other_amount.is_error(422, "idempotency_key_reused"), "{other_amount:?}");
+    let other_endpoint = client.grant(VOUCHERS, "k", &voucher(1, "u-1", "V-1")).await?;
+    ensure!(other_endpoint.is_error(422, "idempotency_key_reused"), "{other_endpoint:?}");
 
     let ledger = sim.ledger();
     assert_eq!(ledger.grants_total, 1);
@@ -306,37 +262,18 @@ async fn a_key_reused_with_another_body_is_422() -> Result<()> {
 async fn a_voucher_number_granted_under_another_key_is_409() -> Result<()> {
     let sim = start(config()).await?;
     let client = Client::new(&sim)?;
-    assert_eq!(
-        client
-            .grant(VOUCHERS, "a", &voucher(7, "u-1", "V-1"))
-            .await?
-            .status,
-        200
-    );
+    assert_eq!(client.grant(VOUCHERS, "a", &voucher(7, "u-1", "V-1")).await?.status, 200);
 
     for _ in 0..2 {
         // Failed requests store nothing: the retry is judged again, the same way.
-        let taken = client
-            .grant(VOUCHERS, "b", &voucher(7, "u-2", "V-1"))
-            .await?;
+        let taken = client.grant(VOUCHERS, "b", &voucher(7, "u-2", "V-1")).await?;
         ensure!(taken.is_error(409, "voucher_already_issued"), "{taken:?}");
     }
     // The same body under a new key is the same voucher too.
-    let same_body = client
-        .grant(VOUCHERS, "c", &voucher(7, "u-1", "V-1"))
-        .await?;
-    ensure!(
-        same_body.is_error(409, "voucher_already_issued"),
-        "{same_body:?}"
-    );
+    let same_body = client.grant(VOUCHERS, "c", &voucher(7, "u-1", "V-1")).await?;
+    ensure!(same_body.is_error(409, "voucher_already_issued"), "{same_body:?}");
     // Voucher numbers are per campaign.
-    assert_eq!(
-        client
-            .grant(VOUCHERS, "d", &voucher(8, "u-2", "V-1"))
-            .await?
-            .status,
-        200
-    );
+    assert_eq!(client.grant(VOUCHERS, "d", &voucher(8, "u-2", "V-1")).await?.status, 200);
 
     let ledger = sim.ledger();
     assert_eq!(ledger.grants_total, 2);
@@ -349,28 +286,16 @@ async fn a_voucher_number_granted_under_another_key_is_409() -> Result<()> {
 async fn a_customer_with_the_not_found_prefix_is_404() -> Result<()> {
     let sim = start(config()).await?;
     let client = Client::new(&sim)?;
-    let missing = client
-        .grant(POINTS, "k", &point(1, "missing-7", 10))
-        .await?;
+    let missing = client.grant(POINTS, "k", &point(1, "missing-7", 10)).await?;
     ensure!(missing.is_error(404, "customer_not_found"), "{missing:?}");
     // Nothing was stored under the key, so another body is not a reuse.
     let found = client.grant(POINTS, "k", &point(1, "u-7", 10)).await?;
     assert_eq!((found.status, found.replayed()), (200, Some(false)));
     sim.shutdown().await;
 
-    let sim = start(SimConfig {
-        not_found_prefix: None,
-        ..config()
-    })
-    .await?;
+    let sim = start(SimConfig { not_found_prefix: None, ..config() }).await?;
     let client = Client::new(&sim)?;
-    assert_eq!(
-        client
-            .grant(POINTS, "k", &point(1, "missing-7", 10))
-            .await?
-            .status,
-        200
-    );
+    assert_eq!(client.grant(POINTS, "k", &point(1, "missing-7", 10)).await?.status, 200);
     sim.shutdown().await;
     Ok(())
 }
@@ -395,36 +320,16 @@ async fn each_invalid_request_rule_answers_400() -> Result<()> {
     // get a fresh one unless the case is about its absence.
     let cases: Vec<(&str, &str, Headers<'_>, String)> = vec![
         ("no idempotency key", POINTS, vec![], good.clone()),
-        (
-            "empty idempotency key",
-            POINTS,
-            vec![("idempotency-key", "")],
-            good.clone(),
-        ),
-        (
-            "129-char idempotency key",
-            POINTS,
-            vec![("idempotency-key", &long_key)],
-            good.clone(),
-        ),
-        (
-            "tab in idempotency key",
-            POINTS,
-            vec![("idempotency-key", "a\tb")],
-            good.clone(),
-        ),
+        ("empty idempotency key", POINTS, vec![("idempotency-key", "")], good.clone()),
+        ("129-char idempotency key", POINTS, vec![("idempotency-key", &long_key)], good.clone()),
+        ("tab in idempotency key", POINTS, vec![("idempotency-key", "a\tb")], good.clone()),
         (
             "two idempotency keys",
             POINTS,
             vec![("idempotency-key", "a"), ("idempotency-key", "b")],
             good.clone(),
         ),
-        (
-            "malformed JSON",
-            POINTS,
-            vec![],
-            "{\"campaign_id\": 1,".to_owned(),
-        ),
+        ("malformed JSON", POINTS, vec![], "{\"campaign_id\": 1,".to_owned()),
         ("not an object", POINTS, vec![], "[1, 2]".to_owned()),
         ("empty body", POINTS, vec![], String::new()),
         ("missing field", POINTS, vec![], {
@@ -432,120 +337,35 @@ async fn each_invalid_request_rule_answers_400() -> Result<()> {
             body.as_object_mut().map(|o| o.remove("reason"));
             body.to_string()
         }),
-        (
-            "unknown field",
-            POINTS,
-            vec![],
-            point_with("note", json!("x")),
-        ),
-        (
-            "campaign_id as string",
-            POINTS,
-            vec![],
-            point_with("campaign_id", json!("1")),
-        ),
-        (
-            "amount as float",
-            POINTS,
-            vec![],
-            point_with("amount", json!(10.5)),
-        ),
-        (
-            "amount as string",
-            POINTS,
-            vec![],
-            point_with("amount", json!("10")),
-        ),
-        (
-            "null customer_uid",
-            POINTS,
-            vec![],
-            point_with("customer_uid", Value::Null),
-        ),
-        (
-            "empty customer_uid",
-            POINTS,
-            vec![],
-            point_with("customer_uid", json!("")),
-        ),
-        (
-            "empty reason",
-            POINTS,
-            vec![],
-            point_with("reason", json!("")),
-        ),
-        (
-            "empty voucher_number",
-            VOUCHERS,
-            vec![],
-            voucher_with("voucher_number", json!("")),
-        ),
-        (
-            "65-char customer_uid",
-            POINTS,
-            vec![],
-            point_with("customer_uid", json!("u".repeat(65))),
-        ),
+        ("unknown field", POINTS, vec![], point_with("note", json!("x"))),
+        ("campaign_id as string", POINTS, vec![], point_with("campaign_id", json!("1"))),
+        ("amount as float", POINTS, vec![], point_with("amount", json!(10.5))),
+        ("amount as string", POINTS, vec![], point_with("amount", json!("10"))),
+        ("null customer_uid", POINTS, vec![], point_with("customer_uid", Value::Null)),
+        ("empty customer_uid", POINTS, vec![], point_with("customer_uid", json!(""))),
+        ("empty reason", POINTS, vec![], point_with("reason", json!(""))),
+        ("empty voucher_number", VOUCHERS, vec![], voucher_with("voucher_number", json!(""))),
+        ("65-char customer_uid", POINTS, vec![], point_with("customer_uid", json!("u".repeat(65)))),
         (
             "65-char voucher_number",
             VOUCHERS,
             vec![],
             voucher_with("voucher_number", json!("V".repeat(65))),
         ),
-        (
-            "256-char reason",
-            POINTS,
-            vec![],
-            point_with("reason", json!("r".repeat(256))),
-        ),
-        (
-            "zero amount",
-            POINTS,
-            vec![],
-            point_with("amount", json!(0)),
-        ),
-        (
-            "negative amount",
-            POINTS,
-            vec![],
-            point_with("amount", json!(-5)),
-        ),
-        (
-            "13-digit expiry_at",
-            POINTS,
-            vec![],
-            point_with("expiry_at", json!("2027123123595")),
-        ),
-        (
-            "February 31",
-            POINTS,
-            vec![],
-            point_with("expiry_at", json!("20270231000000")),
-        ),
-        (
-            "hour 24",
-            POINTS,
-            vec![],
-            point_with("expiry_at", json!("20271231240000")),
-        ),
+        ("256-char reason", POINTS, vec![], point_with("reason", json!("r".repeat(256)))),
+        ("zero amount", POINTS, vec![], point_with("amount", json!(0))),
+        ("negative amount", POINTS, vec![], point_with("amount", json!(-5))),
+        ("13-digit expiry_at", POINTS, vec![], point_with("expiry_at", json!("2027123123595"))),
+        ("February 31", POINTS, vec![], point_with("expiry_at", json!("20270231000000"))),
+        ("hour 24", POINTS, vec![], point_with("expiry_at", json!("20271231240000"))),
         (
             "expiry_at with separators",
             POINTS,
             vec![],
             point_with("expiry_at", json!("2027-12-31T23:59")),
         ),
-        (
-            "expiry_at as number",
-            POINTS,
-            vec![],
-            point_with("expiry_at", json!(20271231235959_i64)),
-        ),
-        (
-            "voucher body on points",
-            POINTS,
-            vec![],
-            voucher(1, "u-1", "V-1").to_string(),
-        ),
+        ("expiry_at as number", POINTS, vec![], point_with("expiry_at", json!(20271231235959_i64))),
+        ("voucher body on points", POINTS, vec![], voucher(1, "u-1", "V-1").to_string()),
     ];
     let total = cases.len();
     for (index, (what, path, mut headers, body)) in cases.into_iter().enumerate() {
@@ -556,10 +376,7 @@ async fn each_invalid_request_rule_answers_400() -> Result<()> {
             headers.push(("idempotency-key", &own_key));
         }
         let answer = client.send(path, &headers, body).await?;
-        ensure!(
-            answer.is_error(400, "invalid_request"),
-            "{what}: {answer:?}"
-        );
+        ensure!(answer.is_error(400, "invalid_request"), "{what}: {answer:?}");
     }
 
     // The limits themselves are allowed.
@@ -584,10 +401,7 @@ async fn each_invalid_request_rule_answers_400() -> Result<()> {
     }
 
     let ledger = sim.ledger();
-    assert_eq!(
-        ledger.rejected_by_status,
-        BTreeMap::from([(400, total as u64)])
-    );
+    assert_eq!(ledger.rejected_by_status, BTreeMap::from([(400, total as u64)]));
     assert_eq!(ledger.grants_total, at_limits.len() as u64);
     sim.shutdown().await;
     Ok(())
@@ -597,11 +411,7 @@ async fn each_invalid_request_rule_answers_400() -> Result<()> {
 async fn the_rate_limit_answers_429_with_retry_after_and_the_peak_is_measured() -> Result<()> {
     const SENT: usize = 120;
     const LIMIT: u32 = 50;
-    let sim = start(SimConfig {
-        rate_limit_per_sec: LIMIT,
-        ..config()
-    })
-    .await?;
+    let sim = start(SimConfig { rate_limit_per_sec: LIMIT, ..config() }).await?;
     let client = Client::new(&sim)?;
 
     let began = Instant::now();
@@ -609,13 +419,7 @@ async fn the_rate_limit_answers_429_with_retry_after_and_the_peak_is_measured() 
     for i in 0..SENT {
         let client = client.clone();
         requests.spawn(async move {
-            client
-                .grant(
-                    POINTS,
-                    &format!("burst-{i}"),
-                    &point(1, &format!("u-{i}"), 1),
-                )
-                .await
+            client.grant(POINTS, &format!("burst-{i}"), &point(1, &format!("u-{i}"), 1)).await
         });
     }
     let (mut granted, mut limited) = (0_u64, 0_u64);
@@ -638,24 +442,15 @@ async fn the_rate_limit_answers_429_with_retry_after_and_the_peak_is_measured() 
     assert_eq!(ledger.requests_total, SENT as u64);
     assert_eq!(ledger.grants_total, granted);
     assert_eq!(ledger.rate_limited_total, limited);
-    assert_eq!(
-        ledger.rejected_by_status.get(&429).copied().unwrap_or(0),
-        limited
-    );
+    assert_eq!(ledger.rejected_by_status.get(&429).copied().unwrap_or(0), limited);
     if took < Duration::from_secs(1) {
         // Every arrival fell inside one second.
         assert_eq!(granted, u64::from(LIMIT));
         assert_eq!(ledger.max_requests_in_any_second, SENT as u64);
     } else {
         assert!(granted >= u64::from(LIMIT), "{ledger:?}");
-        assert!(
-            ledger.max_requests_in_any_second > u64::from(LIMIT),
-            "{ledger:?}"
-        );
-        assert!(
-            ledger.max_requests_in_any_second <= SENT as u64,
-            "{ledger:?}"
-        );
+        assert!(ledger.max_requests_in_any_second > u64::from(LIMIT), "{ledger:?}");
+        assert!(ledger.max_requests_in_any_second <= SENT as u64, "{ledger:?}");
     }
     assert!(limited > 0, "no request was rate limited in {took:?}");
     sim.shutdown().await;
@@ -679,11 +474,7 @@ async fn the_peak_window_metric_follows_a_spaced_sequence() -> Result<()> {
                 let key = format!("k-{i}");
                 let body = point(1, &format!("u-{i}"), 1).to_string();
                 client
-                    .send(
-                        POINTS,
-                        &[("x-api-key", api_key), ("idempotency-key", &key)],
-                        body,
-                    )
+                    .send(POINTS, &[("x-api-key", api_key), ("idempotency-key", &key)], body)
                     .await?;
             }
             anyhow::Ok((began, Instant::now()))
@@ -709,16 +500,10 @@ async fn the_peak_window_metric_follows_a_spaced_sequence() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_5xx_share_answers_503_and_grants_nothing() -> Result<()> {
-    let sim = start(SimConfig {
-        fail_5xx_share: 1.0,
-        ..config()
-    })
-    .await?;
+    let sim = start(SimConfig { fail_5xx_share: 1.0, ..config() }).await?;
     let client = Client::new(&sim)?;
     for i in 0..20 {
-        let answer = client
-            .grant(POINTS, &format!("k-{i}"), &point(1, "u-1", i + 1))
-            .await?;
+        let answer = client.grant(POINTS, &format!("k-{i}"), &point(1, "u-1", i + 1)).await?;
         ensure!(answer.is_error(503, "unavailable"), "{answer:?}");
     }
     let ledger = sim.ledger();
@@ -726,10 +511,7 @@ async fn a_full_5xx_share_answers_503_and_grants_nothing() -> Result<()> {
     assert_eq!(ledger.rejected_by_status, BTreeMap::from([(503, 20)]));
 
     // Failed requests stored nothing: the same keys grant once the fault is gone.
-    sim.set_faults(FaultUpdate {
-        fail_5xx_share: Some(0.0),
-        ..FaultUpdate::default()
-    });
+    sim.set_faults(FaultUpdate { fail_5xx_share: Some(0.0), ..FaultUpdate::default() });
     let answer = client.grant(POINTS, "k-0", &point(1, "u-1", 1)).await?;
     assert_eq!((answer.status, answer.replayed()), (200, Some(false)));
     sim.shutdown().await;
@@ -742,10 +524,7 @@ async fn an_error503_outage_window_fails_requests_until_it_ends() -> Result<()> 
     let client = Client::new(&sim)?;
     let began = Instant::now();
     let state = client
-        .admin_post(
-            "/_sim/faults",
-            &json!({"outage": {"mode": "error503", "duration_ms": 400}}),
-        )
+        .admin_post("/_sim/faults", &json!({"outage": {"mode": "error503", "duration_ms": 400}}))
         .await?;
     assert_eq!(state.status, 200, "{state:?}");
     assert_eq!(state.body["outage"]["mode"], "error503");
@@ -771,19 +550,12 @@ async fn an_error503_outage_window_fails_requests_until_it_ends() -> Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hang_and_reset_outages_grant_nothing() -> Result<()> {
-    let sim = start(SimConfig {
-        hang_ms: 150,
-        ..config()
-    })
-    .await?;
+    let sim = start(SimConfig { hang_ms: 150, ..config() }).await?;
     let client = Client::new(&sim)?;
     let body = point(1, "u-1", 5);
 
     sim.set_faults(FaultUpdate {
-        outage: Some(Outage {
-            mode: OutageMode::Hang,
-            duration_ms: 60_000,
-        }),
+        outage: Some(Outage { mode: OutageMode::Hang, duration_ms: 60_000 }),
         ..FaultUpdate::default()
     });
     let began = Instant::now();
@@ -793,27 +565,18 @@ async fn hang_and_reset_outages_grant_nothing() -> Result<()> {
     assert_eq!(sim.ledger().hangs_total, 1);
 
     sim.set_faults(FaultUpdate {
-        outage: Some(Outage {
-            mode: OutageMode::Reset,
-            duration_ms: 60_000,
-        }),
+        outage: Some(Outage { mode: OutageMode::Reset, duration_ms: 60_000 }),
         ..FaultUpdate::default()
     });
     let dropped = client.grant(POINTS, "k", &body).await;
-    ensure!(
-        dropped.is_err(),
-        "expected a dropped connection, got {dropped:?}"
-    );
+    ensure!(dropped.is_err(), "expected a dropped connection, got {dropped:?}");
     let ledger = sim.ledger();
     assert!(ledger.connections_dropped_total >= 1, "{ledger:?}");
     assert_eq!(ledger.grants_total, 0);
 
     // duration 0 ends the outage; the key was never stored.
     sim.set_faults(FaultUpdate {
-        outage: Some(Outage {
-            mode: OutageMode::Reset,
-            duration_ms: 0,
-        }),
+        outage: Some(Outage { mode: OutageMode::Reset, duration_ms: 0 }),
         ..FaultUpdate::default()
     });
     let answer = client.grant(POINTS, "k", &body).await?;
@@ -825,12 +588,7 @@ async fn hang_and_reset_outages_grant_nothing() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeouts_leave_unknown_outcomes_that_retries_resolve() -> Result<()> {
     const ROWS: i64 = 40;
-    let sim = start(SimConfig {
-        timeout_share: 1.0,
-        hang_ms: 3_000,
-        ..config()
-    })
-    .await?;
+    let sim = start(SimConfig { timeout_share: 1.0, hang_ms: 3_000, ..config() }).await?;
     let impatient = Client::with_timeout(&sim, Duration::from_millis(300))?;
     let mut requests = JoinSet::new();
     for i in 0..ROWS {
@@ -839,10 +597,7 @@ async fn timeouts_leave_unknown_outcomes_that_retries_resolve() -> Result<()> {
             client
                 .send(
                     POINTS,
-                    &[
-                        ("x-api-key", API_KEY),
-                        ("idempotency-key", &format!("row-{i}")),
-                    ],
+                    &[("x-api-key", API_KEY), ("idempotency-key", &format!("row-{i}"))],
                     point(1, &format!("u-{i}"), 100).to_string(),
                 )
                 .await
@@ -860,30 +615,19 @@ async fn timeouts_leave_unknown_outcomes_that_retries_resolve() -> Result<()> {
     .await?;
     let committed_before_retry = sim.ledger().grants_total;
 
-    sim.set_faults(FaultUpdate {
-        timeout_share: Some(0.0),
-        ..FaultUpdate::default()
-    });
+    sim.set_faults(FaultUpdate { timeout_share: Some(0.0), ..FaultUpdate::default() });
     let client = Client::new(&sim)?;
     let mut replayed = 0;
     for i in 0..ROWS {
-        let answer = client
-            .grant(
-                POINTS,
-                &format!("row-{i}"),
-                &point(1, &format!("u-{i}"), 100),
-            )
-            .await?;
+        let answer =
+            client.grant(POINTS, &format!("row-{i}"), &point(1, &format!("u-{i}"), 100)).await?;
         assert_eq!(answer.status, 200, "{answer:?}");
         if answer.replayed() == Some(true) {
             replayed += 1;
         }
     }
     // A fair coin per request: all-or-nothing has probability 2^-39.
-    assert!(
-        replayed > 0 && replayed < ROWS as u64,
-        "{replayed} of {ROWS} committed"
-    );
+    assert!(replayed > 0 && replayed < ROWS as u64, "{replayed} of {ROWS} committed");
     assert_eq!(replayed, committed_before_retry);
     let ledger = sim.ledger();
     assert_eq!(ledger.grants_total, ROWS as u64);
@@ -895,11 +639,7 @@ async fn timeouts_leave_unknown_outcomes_that_retries_resolve() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_with_one_key_grant_once() -> Result<()> {
-    let sim = start(SimConfig {
-        latency_ms: 50,
-        ..config()
-    })
-    .await?;
+    let sim = start(SimConfig { latency_ms: 50, ..config() }).await?;
     let client = Client::new(&sim)?;
     let mut requests = JoinSet::new();
     for _ in 0..16 {
@@ -944,18 +684,10 @@ async fn the_same_body_under_two_keys_is_reported_as_a_duplicate() -> Result<()>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latency_delays_fresh_requests() -> Result<()> {
-    let sim = start(SimConfig {
-        latency_ms: 100,
-        latency_jitter_ms: 20,
-        ..config()
-    })
-    .await?;
+    let sim = start(SimConfig { latency_ms: 100, latency_jitter_ms: 20, ..config() }).await?;
     let client = Client::new(&sim)?;
     let began = Instant::now();
-    assert_eq!(
-        client.grant(POINTS, "k", &point(1, "u-1", 5)).await?.status,
-        200
-    );
+    assert_eq!(client.grant(POINTS, "k", &point(1, "u-1", 5)).await?.status, 200);
     assert!(began.elapsed() >= Duration::from_millis(80));
     sim.shutdown().await;
     Ok(())
@@ -967,23 +699,14 @@ async fn reset_clears_the_ledger_and_restores_start_faults() -> Result<()> {
     let client = Client::new(&sim)?;
     let body = point(1, "u-1", 5);
     let before = client.grant(POINTS, "k", &body).await?;
-    let before_tx = before
-        .transaction_id()
-        .context("no transaction id")?
-        .to_owned();
+    let before_tx = before.transaction_id().context("no transaction id")?.to_owned();
     let changed = client
-        .admin_post(
-            "/_sim/faults",
-            &json!({"fail_5xx_share": 1.0, "rate_limit_per_sec": 5}),
-        )
+        .admin_post("/_sim/faults", &json!({"fail_5xx_share": 1.0, "rate_limit_per_sec": 5}))
         .await?;
     assert_eq!(changed.body["fail_5xx_share"], 1.0);
     assert_eq!(changed.body["rate_limit_per_sec"], 5);
 
-    assert_eq!(
-        client.admin_post("/_sim/reset", &json!({})).await?.status,
-        200
-    );
+    assert_eq!(client.admin_post("/_sim/reset", &json!({})).await?.status, 200);
     let ledger = sim.ledger();
     assert_eq!(ledger, LedgerSummary::default());
     assert_eq!(sim.faults().fail_5xx_share, 0.0);
@@ -1004,10 +727,7 @@ async fn admin_endpoints_answer_json_and_validate_updates() -> Result<()> {
     let unknown = client.admin_get("/nowhere").await?;
     ensure!(unknown.is_error(404, "not_found"), "{unknown:?}");
     let wrong_method = client.admin_get(VOUCHERS).await?;
-    ensure!(
-        wrong_method.is_error(405, "method_not_allowed"),
-        "{wrong_method:?}"
-    );
+    ensure!(wrong_method.is_error(405, "method_not_allowed"), "{wrong_method:?}");
     for bad in [
         json!({"fail_5xx_share": 1.5}),
         json!({"timeout_share": -0.1}),
@@ -1017,6 +737,15 @@ async fn admin_endpoints_answer_json_and_validate_updates() -> Result<()> {
         let answer = client.admin_post("/_sim/faults", &bad).await?;
         ensure!(answer.is_error(400, "invalid_request"), "{bad}: {answer:?}");
     }
+    // Scripts post fault updates without a content type.
+    let plain = client
+        .http
+        .post(format!("{}/_sim/faults", client.base))
+        .body(r#"{"latency_ms": 3}"#)
+        .send()
+        .await?;
+    assert_eq!(plain.status().as_u16(), 200);
+    assert_eq!(sim.faults().latency_ms, 3);
     let state: FaultState = serde_json::from_value(client.admin_get("/_sim/faults").await?.body)?;
     assert_eq!(state, sim.faults());
     assert_eq!(state.hang_ms, 10_000);
@@ -1028,12 +757,7 @@ async fn admin_endpoints_answer_json_and_validate_updates() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_hanging_requests_promptly() -> Result<()> {
-    let sim = start(SimConfig {
-        timeout_share: 1.0,
-        hang_ms: 600_000,
-        ..config()
-    })
-    .await?;
+    let sim = start(SimConfig { timeout_share: 1.0, hang_ms: 600_000, ..config() }).await?;
     let client = Client::new(&sim)?;
     let request = tokio::spawn(async move { client.grant(POINTS, "k", &point(1, "u-1", 5)).await });
     eventually("the request to hang", Duration::from_secs(5), || async {

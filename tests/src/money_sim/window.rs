@@ -28,10 +28,7 @@ pub(crate) struct Windows {
 
 impl Windows {
     pub(crate) fn new(limit_per_sec: u32) -> Self {
-        Windows {
-            limit_per_sec,
-            ..Windows::default()
-        }
+        Windows { limit_per_sec, ..Windows::default() }
     }
 
     pub(crate) fn limit_per_sec(&self) -> u32 {
@@ -127,10 +124,7 @@ mod tests {
     fn rate_limit_counts_admitted_requests_in_the_last_second() {
         use Admission::{Admitted as A, RateLimited as R};
         let mut windows = Windows::new(3);
-        let got = feed(
-            &mut windows,
-            &[0, 0, 0, 0, 500, 999, 1000, 1000, 1000, 1000],
-        );
+        let got = feed(&mut windows, &[0, 0, 0, 0, 500, 999, 1000, 1000, 1000, 1000]);
         // At 1000 the three admissions at 0 have left the window (1000 - 1s is excluded).
         assert_eq!(got, vec![A, A, A, R, R, R, A, A, A, R]);
         // Arrivals are counted whether admitted or not: {0 x4, 500, 999} and
