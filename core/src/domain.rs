@@ -66,7 +66,9 @@ impl CampaignStatus {
         use OperatorCommand as C;
         match (self, command) {
             (S::Ready, C::Start) => Ok(S::Running),
-            (S::Running, C::Pause) => Ok(S::Paused),
+            // Pausing a campaign the breaker paused makes it the operator's: it will not resume by
+            // itself when the breaker closes.
+            (S::Running | S::Paused, C::Pause) => Ok(S::Paused),
             (S::Paused | S::Stopped, C::Resume) => Ok(S::Running),
             (S::Ready | S::Running | S::Paused, C::Stop) => Ok(S::Stopped),
             (from, command) => Err(IllegalTransition { from, command }),
@@ -171,6 +173,8 @@ mod tests {
             (S::Paused, C::Start, None),
             (S::Running, C::Pause, Some(S::Paused)),
             (S::Ready, C::Pause, None),
+            (S::Paused, C::Pause, Some(S::Paused)),
+            (S::Stopped, C::Pause, None),
             (S::Paused, C::Resume, Some(S::Running)),
             (S::Stopped, C::Resume, Some(S::Running)),
             (S::Running, C::Resume, None),

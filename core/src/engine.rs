@@ -32,6 +32,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::breaker::{Admission, Breaker, BreakerSettings, Signal, Transition};
 use crate::db::{DbError, DbPool, conn};
 use crate::domain::{CampaignId, TargetId};
 use crate::kind::{ErasedKind, GrantRequest, KindRegistry, ValidationContext};
@@ -62,6 +63,7 @@ pub struct EngineSettings {
     pub drain_timeout: Duration,
     pub partition_rule: PartitionRule,
     pub retry: RetryPolicy,
+    pub breaker: BreakerSettings,
     pub max_point_amount: i64,
     pub expiry_offset: FixedOffset,
 }
@@ -79,6 +81,7 @@ impl EngineSettings {
             drain_timeout: Duration::from_secs(10),
             partition_rule: PartitionRule::default(),
             retry: RetryPolicy::default(),
+            breaker: BreakerSettings::default(),
             max_point_amount: 1_000_000,
             expiry_offset: FixedOffset::east_opt(9 * 3600).unwrap_or(Utc.fix()),
         }
@@ -111,6 +114,8 @@ pub enum RunEnd {
     Shutdown,
     /// Money rejected the API key; the campaign was paused.
     Unauthorized,
+    /// The circuit breaker opened; the campaign was paused (by the breaker).
+    BreakerOpen,
     /// The campaign's status could not be read; it will be tried again.
     DatabaseUnavailable,
     /// The campaign cannot be run by this daemon (e.g. unknown kind); it was paused.
@@ -121,6 +126,7 @@ pub enum RunEnd {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum StopReason {
     NotRunning(String),
+    BreakerOpen(String),
     Shutdown,
     Unauthorized,
     DatabaseUnavailable,
@@ -179,6 +185,14 @@ pub struct Engine {
     limiter: RateLimiter,
     settings: EngineSettings,
     stats: Arc<Stats>,
+    breaker: Arc<Mutex<Breaker>>,
+}
+
+fn lock_breaker(b: &Mutex<Breaker>) -> std::sync::MutexGuard<'_, Breaker> {
+    match b.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
 }
 
 impl Engine {
@@ -189,7 +203,8 @@ impl Engine {
         limiter: RateLimiter,
         settings: EngineSettings,
     ) -> Engine {
-        Engine { pool, kinds, money, limiter, settings, stats: Arc::new(Stats::default()) }
+        let breaker = Arc::new(Mutex::new(Breaker::new(settings.breaker)));
+        Engine { pool, kinds, money, limiter, settings, stats: Arc::new(Stats::default()), breaker }
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -214,6 +229,11 @@ impl Engine {
             if shutdown.is_cancelled() {
                 break;
             }
+            if !lock_breaker(&self.breaker).is_closed() {
+                self.probe_cycle(&shutdown).await;
+                fresh = self.reread_queue().await;
+                continue;
+            }
             let current = fresh.take().unwrap_or_else(|| queue.borrow_and_update().clone());
             let Some(head) = current.into_iter().next() else {
                 tokio::select! {
@@ -226,7 +246,10 @@ impl Engine {
             info!(campaign.id = %id, end = ?end, "campaign run ended");
             match end {
                 RunEnd::Shutdown => break,
-                RunEnd::Completed | RunEnd::Unauthorized | RunEnd::Unrunnable(_) => {
+                RunEnd::Completed
+                | RunEnd::Unauthorized
+                | RunEnd::Unrunnable(_)
+                | RunEnd::BreakerOpen => {
                     fresh = self.reread_queue().await;
                 }
                 RunEnd::NotRunning(_) | RunEnd::DatabaseUnavailable => {
@@ -237,6 +260,148 @@ impl Engine {
                     }
                 }
             }
+        }
+    }
+
+    /// While the breaker is not closed: waits out the open period, then sends exactly one probe
+    /// with a row of the first campaign that may use one (RUNNING, or paused by the breaker).
+    /// A healthy answer closes the breaker and resumes the campaigns it paused; a failure opens
+    /// it again. Returns after one probe, or on shutdown.
+    async fn probe_cycle(&self, shutdown: &CancellationToken) {
+        let state = lock_breaker(&self.breaker).state();
+        if let crate::breaker::BreakerState::Open { until } = state {
+            let until = tokio::time::Instant::from_std(until);
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+        let actor = format!("daemon:{}", self.settings.instance_id);
+        let probe = match self.claim_probe_row().await {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "cannot pick a row for the breaker probe; trying again");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                return;
+            }
+        };
+        let Some((campaign, kind, claimed, request)) = probe else {
+            // Nothing is left to send: no request can hurt, so close and let campaigns finish.
+            let closed = {
+                let mut b = lock_breaker(&self.breaker);
+                b.admit_probe(Instant::now());
+                b.close_unprobed()
+            };
+            if closed.is_some() {
+                info!("circuit breaker closed: no row is left to probe with");
+                self.after_breaker_closed(None, "nothing left to probe with", &actor).await;
+            } else {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            }
+            return;
+        };
+        let admitted = lock_breaker(&self.breaker).admit_probe(Instant::now());
+        if admitted != Admission::Probe && admitted != Admission::Send {
+            self.write_one(&kind, campaign, claimed.target, claimed.attempts, Outcome::Released).await;
+            return;
+        }
+        self.limiter.acquire().await;
+        self.limiter.admit().await;
+        info!(campaign.id = %campaign, "circuit breaker half-open: sending one probe request");
+        self.stats.sent.fetch_add(1, Ordering::Relaxed);
+        let result = self.money.grant(&request).await;
+        let signal = Signal::of(&result);
+        let error = result.as_ref().err().map(|e| e.to_string());
+        let outcome = decide(result, claimed.attempts, &self.settings.retry, rand::rng().random::<f64>());
+        self.write_one(&kind, campaign, claimed.target, claimed.attempts, outcome).await;
+        let transition = lock_breaker(&self.breaker).record_probe(signal, Instant::now());
+        match transition {
+            Some(Transition::Closed) => {
+                info!(campaign.id = %campaign, "circuit breaker closed: the probe succeeded");
+                self.after_breaker_closed(Some(campaign), "the probe succeeded", &actor).await;
+            }
+            Some(Transition::Reopened) => {
+                let error = error.unwrap_or_default();
+                warn!(campaign.id = %campaign, error = %error, "breaker probe failed: open for another {} s", self.settings.breaker.open_for.as_secs());
+                if let Ok(mut c) = conn(&self.pool).await {
+                    let detail = serde_json::json!({ "error": error }).to_string();
+                    let _ = repo::record_event(&mut c, Some(campaign), "BREAKER_PROBE_FAILED", None, &actor, Some(&detail)).await;
+                }
+            }
+            Some(Transition::Opened) | None => {}
+        }
+    }
+
+    /// Claims one sendable row for a probe, writing invalid rows off as it goes.
+    async fn claim_probe_row(
+        &self,
+    ) -> Result<Option<(CampaignId, Arc<dyn ErasedKind>, repo::Claimed, GrantRequest)>, DbError> {
+        let mut c = conn(&self.pool).await?;
+        let owner = format!("{}/probe", self.settings.instance_id);
+        for campaign in repo::breaker_candidates(&mut c).await? {
+            let Some(kind) = self.kinds.get(&campaign.kind) else { continue };
+            let id = campaign.id();
+            while let Some(claimed) = repo::claim_probe(&mut c, kind.table(), id, &owner).await? {
+                let ctx = self.validation_context();
+                let mut prepared = kind.prepare(&mut c, id, &[claimed.target], &ctx).await?;
+                match prepared.pop().map(|p| p.request) {
+                    Some(Ok(request)) => return Ok(Some((id, kind, claimed, request))),
+                    Some(Err(invalid)) => {
+                        let dead = Outcome::Dead { code: invalid.code, message: invalid.message };
+                        let row = RowOutcome { target: claimed.target, attempts: claimed.attempts, outcome: dead };
+                        repo::write_outcomes(&mut c, kind.table(), kind.kind(), id, &[row]).await?;
+                    }
+                    None => break,
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Records the breaker closing and resumes the campaigns it paused.
+    async fn after_breaker_closed(&self, campaign: Option<CampaignId>, why: &str, actor: &str) {
+        let Ok(mut c) = conn(&self.pool).await else { return };
+        let detail = serde_json::json!({ "reason": why }).to_string();
+        if let Err(e) = repo::record_event(&mut c, campaign, "BREAKER_CLOSED", None, actor, Some(&detail)).await {
+            warn!(error = %e, "cannot record the breaker closing");
+        }
+        match repo::resume_breaker_paused(&mut c, actor).await {
+            Ok(ids) if !ids.is_empty() => info!(campaigns = ?ids, "campaigns paused by the breaker resume"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot resume the campaigns the breaker paused; the next probe cycle retries"),
+        }
+    }
+
+    /// Commits one row's outcome, trying a few times.
+    async fn write_one(&self, kind: &Arc<dyn ErasedKind>, campaign: CampaignId, target: TargetId, attempts: i32, outcome: Outcome) {
+        let row = [RowOutcome { target, attempts, outcome }];
+        for attempt in 0..10u64 {
+            let done = async {
+                let mut c = conn(&self.pool).await?;
+                repo::write_outcomes(&mut c, kind.table(), kind.kind(), campaign, &row).await.map_err(DbError::from)
+            };
+            match done.await {
+                Ok(()) => return,
+                Err(e) => {
+                    warn!(campaign.id = %campaign, error = %e, "cannot commit the probe's outcome yet");
+                    tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
+                }
+            }
+        }
+        error!(campaign.id = %campaign, row = %target, "probe outcome not committed; the row stays IN_FLIGHT and is resent with its key when the campaign runs");
+    }
+
+    fn validation_context(&self) -> ValidationContext {
+        ValidationContext {
+            now: Utc::now(),
+            max_point_amount: self.settings.max_point_amount,
+            expiry_offset: self.settings.expiry_offset,
         }
     }
 
@@ -329,6 +494,7 @@ impl Engine {
             retry: self.settings.retry,
             gate: gate.clone(),
             stats: self.stats.clone(),
+            breaker: self.breaker.clone(),
         };
         let dispatch = tokio::spawn(dispatcher.run(job_rx).in_current_span());
 
@@ -380,6 +546,24 @@ impl Engine {
                 RunEnd::Completed
             }
             Some(StopReason::NotRunning(s)) => RunEnd::NotRunning(s),
+            Some(StopReason::BreakerOpen(last_error)) => {
+                let reason = format!(
+                    "circuit breaker opened after {} consecutive failures of Money (last: {last_error}); \
+                     it probes Money again in {} s and resumes the campaign when Money answers",
+                    self.settings.breaker.failure_threshold,
+                    self.settings.breaker.open_for.as_secs()
+                );
+                error!(campaign.id = %id, "{reason}; pausing the campaign");
+                if let Ok(mut c) = conn(&self.pool).await {
+                    let paused = repo::pause_by_daemon(&mut c, id, "BREAKER", &reason, &actor).await;
+                    let detail = serde_json::json!({ "last_error": last_error, "urgent": true }).to_string();
+                    let event = repo::record_event(&mut c, Some(id), "BREAKER_OPENED", None, &actor, Some(&detail)).await;
+                    if let Err(e) = paused.and(event) {
+                        error!(campaign.id = %id, error = %e, "could not record the breaker pause");
+                    }
+                }
+                RunEnd::BreakerOpen
+            }
             Some(StopReason::Shutdown) | None => RunEnd::Shutdown,
             Some(StopReason::DatabaseUnavailable) => RunEnd::DatabaseUnavailable,
             Some(StopReason::Unauthorized) => {
@@ -628,6 +812,7 @@ async fn claim_with_retry(
 }
 
 struct Dispatcher {
+    breaker: Arc<Mutex<Breaker>>,
     money: MoneyClient,
     limiter: RateLimiter,
     in_flight: Arc<Semaphore>,
@@ -661,12 +846,18 @@ impl Dispatcher {
                 job.release();
                 continue;
             }
+            if lock_breaker(&self.breaker).admit() != Admission::Send {
+                job.release();
+                self.gate.close(StopReason::BreakerOpen("breaker already open".to_owned()));
+                continue;
+            }
             self.stats.sent.fetch_add(1, Ordering::Relaxed);
             let money = self.money.clone();
             let limiter = self.limiter.clone();
             let retry = self.retry;
             let gate = self.gate.clone();
             let stats = self.stats.clone();
+            let breaker = self.breaker.clone();
             tokio::spawn(async move {
                 limiter.admit().await;
                 let started = Instant::now();
@@ -676,6 +867,12 @@ impl Dispatcher {
                     .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                 if let Err(MoneyError::Unauthorized) = &result {
                     gate.close(StopReason::Unauthorized);
+                }
+                let opened = lock_breaker(&breaker).record(Signal::of(&result), Instant::now());
+                if opened == Some(Transition::Opened) {
+                    let last = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+                    warn!(error = %last, "circuit breaker opened: Money looks down");
+                    gate.close(StopReason::BreakerOpen(last));
                 }
                 let outcome = decide(result, job.attempts, &retry, rand::rng().random::<f64>());
                 let _ = job.outcomes.send(RowOutcome {

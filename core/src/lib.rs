@@ -4,6 +4,7 @@
 //! Nothing here parses command lines or configuration files; the `payoutd` binary builds the
 //! plain settings structs defined here and hands them in.
 
+pub mod breaker;
 pub mod db;
 pub mod domain;
 pub mod engine;

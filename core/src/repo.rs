@@ -422,6 +422,55 @@ pub async fn ensure_plan(
     .await
 }
 
+/// Campaigns a breaker probe may use, in queue order: RUNNING ones and those the breaker paused.
+pub async fn breaker_candidates(conn: &mut AsyncMysqlConnection) -> QResult<Vec<CampaignRow>> {
+    diesel::sql_query(format!(
+        "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE status = 'RUNNING' \
+         OR (status = 'PAUSED' AND paused_by = 'BREAKER') ORDER BY queued_at, id"
+    ))
+    .load(conn)
+    .await
+}
+
+/// Resumes every campaign the breaker paused (never one an operator paused). Returns their ids.
+pub async fn resume_breaker_paused(
+    conn: &mut AsyncMysqlConnection,
+    actor: &str,
+) -> QResult<Vec<CampaignId>> {
+    conn.transaction(async |c| {
+        #[derive(QueryableByName)]
+        struct IdRow {
+            #[diesel(sql_type = BigInt)]
+            id: i64,
+        }
+        let rows: Vec<IdRow> = diesel::sql_query(
+            "SELECT id FROM campaigns WHERE status = 'PAUSED' AND paused_by = 'BREAKER' FOR UPDATE",
+        )
+        .load(c)
+        .await?;
+        for r in &rows {
+            diesel::sql_query(
+                "UPDATE campaigns SET status = 'RUNNING', paused_by = NULL, status_reason = NULL \
+                 WHERE id = ? AND status = 'PAUSED' AND paused_by = 'BREAKER'",
+            )
+            .bind::<BigInt, _>(r.id)
+            .execute(c)
+            .await?;
+            record_event(
+                c,
+                Some(CampaignId(r.id)),
+                "STATUS_CHANGED",
+                Some(("PAUSED", "RUNNING")),
+                actor,
+                Some("{\"reason\":\"circuit breaker closed\"}"),
+            )
+            .await?;
+        }
+        Ok(rows.into_iter().map(|r| CampaignId(r.id)).collect())
+    })
+    .await
+}
+
 // ---------------------------------------------------------------------------------------------
 // Target rows
 
@@ -500,6 +549,35 @@ pub async fn claim(
             .into_iter()
             .map(|r| Claimed { target: TargetId(r.id), attempts: r.attempts + 1 })
             .collect())
+    })
+    .await
+}
+
+/// Claims one row of a campaign for a breaker probe: PENDING, or FAILED whatever its retry time.
+pub async fn claim_probe(
+    conn: &mut AsyncMysqlConnection,
+    table: &str,
+    id: CampaignId,
+    owner: &str,
+) -> QResult<Option<Claimed>> {
+    conn.transaction(async |c| {
+        let mut rows: Vec<ClaimRow> = diesel::sql_query(format!(
+            "SELECT id, attempts FROM {table} \
+             WHERE event_id = ? AND status IN ('PENDING', 'FAILED') LIMIT 1 FOR UPDATE SKIP LOCKED"
+        ))
+        .bind::<BigInt, _>(id.0)
+        .load(c)
+        .await?;
+        let Some(row) = rows.pop() else { return Ok(None) };
+        diesel::sql_query(format!(
+            "UPDATE {table} SET status = 'IN_FLIGHT', attempts = attempts + 1, claimed_by = ?, \
+             updated_at = NOW(3) WHERE id = ?"
+        ))
+        .bind::<Text, _>(owner)
+        .bind::<BigInt, _>(row.id)
+        .execute(c)
+        .await?;
+        Ok(Some(Claimed { target: TargetId(row.id), attempts: row.attempts + 1 }))
     })
     .await
 }

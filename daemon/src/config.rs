@@ -49,6 +49,8 @@
 //! | `retry.max_delay` | `PAYOUTD_RETRY__MAX_DELAY` | `5m` (at least `base_delay`): cap on one delay |
 //! | `retry.max_retries` | `PAYOUTD_RETRY__MAX_RETRIES` | `5`: retries after the first attempt before a row is DEAD |
 //! | `retry.jitter` | `PAYOUTD_RETRY__JITTER` | `0.2` (0 to 1): share by which a delay randomly varies either way |
+//! | `breaker.failure_threshold` | `PAYOUTD_BREAKER__FAILURE_THRESHOLD` | `10` (at least 1): consecutive transient Money failures that open the circuit breaker |
+//! | `breaker.open_for` | `PAYOUTD_BREAKER__OPEN_FOR` | `30s` (above 0): how long the breaker stays open before one probe |
 //! | `log.format` | `PAYOUTD_LOG__FORMAT` | `"auto"`: `"json"`, `"text"`, or `"auto"` (text on a terminal, else JSON) |
 //! | `log.filter` | `PAYOUTD_LOG__FILTER` | `"info"`, in `tracing` `EnvFilter` syntax (e.g. `info,payout_core=debug`) |
 //! | `log.throughput_interval` | `PAYOUTD_LOG__THROUGHPUT_INTERVAL` | `10s` (above 0): period of the throughput line per running campaign |
@@ -97,6 +99,7 @@ pub(crate) struct Settings {
     pub(crate) executor: ExecutorSettings,
     pub(crate) payout: PayoutSettings,
     pub(crate) retry: RetrySettings,
+    pub(crate) breaker: BreakerSettings,
     pub(crate) log: LogSettings,
     /// The TOML file that was read, if any.
     pub(crate) file: Option<PathBuf>,
@@ -156,6 +159,19 @@ pub(crate) struct RetrySettings {
     pub(crate) max_delay: Duration,
     pub(crate) max_retries: u32,
     pub(crate) jitter: f64,
+}
+
+/// `[breaker]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BreakerSettings {
+    pub(crate) failure_threshold: u32,
+    pub(crate) open_for: Duration,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings { failure_threshold: 10, open_for: Duration::from_secs(30) }
+    }
 }
 
 /// `[log]`.
@@ -435,6 +451,11 @@ impl Settings {
         out.duration("max_delay", r.max_delay);
         out.plain("max_retries", r.max_retries);
         out.float("jitter", r.jitter);
+
+        let b = &self.breaker;
+        out.section("breaker");
+        out.plain("failure_threshold", b.failure_threshold);
+        out.duration("open_for", b.open_for);
 
         let l = &self.log;
         out.section("log");
@@ -905,7 +926,16 @@ struct Raw {
     executor: RawExecutor,
     payout: RawPayout,
     retry: RawRetry,
+    breaker: RawBreaker,
     log: RawLog,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawBreaker {
+    failure_threshold: Option<u32>,
+    #[serde(deserialize_with = "duration")]
+    open_for: Option<Duration>,
 }
 
 #[derive(Default, Deserialize)]
@@ -1129,6 +1159,7 @@ impl Check<'_> {
             executor: self.executor(raw.executor)?,
             payout: self.payout(raw.payout)?,
             retry: self.retry(raw.retry)?,
+            breaker: self.breaker(raw.breaker)?,
             log: self.log(raw.log)?,
             file: None,
         })
@@ -1275,6 +1306,20 @@ impl Check<'_> {
                 "must be at least 1",
             )?,
             expiry_utc_offset_secs,
+        })
+    }
+
+    fn breaker(&self, raw: RawBreaker) -> Result<BreakerSettings, ConfigError> {
+        let d = BreakerSettings::default();
+        Ok(BreakerSettings {
+            failure_threshold: self.value(
+                "breaker.failure_threshold",
+                raw.failure_threshold,
+                d.failure_threshold,
+                |n| n >= 1,
+                "must be at least 1",
+            )?,
+            open_for: self.positive("breaker.open_for", raw.open_for, d.open_for)?,
         })
     }
 

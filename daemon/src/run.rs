@@ -62,6 +62,10 @@ pub(crate) fn engine_settings(settings: &Settings, instance_id: String) -> Engin
             max_retries: settings.retry.max_retries,
             jitter: settings.retry.jitter,
         },
+        breaker: payout_core::breaker::BreakerSettings {
+            failure_threshold: settings.breaker.failure_threshold,
+            open_for: settings.breaker.open_for,
+        },
         max_point_amount: settings.payout.max_point_amount,
         expiry_offset: FixedOffset::east_opt(settings.payout.expiry_utc_offset_secs)
             .unwrap_or_else(|| chrono::Utc.fix()),
