@@ -71,7 +71,9 @@ MONEY_SIM="$BIN/money-sim"
 # 2. Work directory, background processes and their cleanup
 # ---------------------------------------------------------------------------------------------
 mkdir -p "$WORK"
-rm -f "$WORK"/payoutd.log "$WORK"/money-sim.out "$WORK"/money-sim.log "$WORK"/load.log
+# Fresh, existing files: a background process opens its redirections only after the fork, so
+# reading one right after `&` could otherwise find no file yet.
+for f in payoutd.log money-sim.out money-sim.log status.err ledger.json; do : >"$WORK/$f"; done
 
 SIM_PID=""
 DAEMON_PID=""
@@ -197,7 +199,7 @@ say "starting money-sim (limit $RATE_LIMIT requests/s, latency 20 ms +- 10 ms)"
 SIM_PID=$!
 MONEY_URL=""
 for ((i = 0; i < 300; i++)); do   # up to 30 s
-  MONEY_URL=$(sed -n 's/^money-sim listening on \(http[^ ]*\).*/\1/p' "$WORK/money-sim.out")
+  MONEY_URL=$(sed -n 's/^money-sim listening on \(http[^ ]*\).*/\1/p' "$WORK/money-sim.out") || true
   [ -n "$MONEY_URL" ] && break
   kill -0 "$SIM_PID" 2>/dev/null || { tail -n 20 "$WORK/money-sim.log" >&2; die "money-sim exited at start"; }
   sleep 0.1
@@ -296,8 +298,12 @@ for id in "$POINT_ID" "$VOUCHER_ID"; do
   for s in PENDING IN_FLIGHT SUCCEEDED FAILED DEAD; do counts+=" $s=$(json_get "$json" "$s")"; done
   # Paying time by the daemon's own clock (started_at -> completed_at, UTC); a campaign queued
   # behind another starts when the one before it is done.
-  paid_secs=$(elapsed "$(date -u -d "$(json_get "$json" started_at)" +%s.%N)" \
-    "$(date -u -d "$(json_get "$json" completed_at)" +%s.%N)")
+  started=$(json_get "$json" started_at)
+  completed=$(json_get "$json" completed_at)
+  paid_secs="?"
+  if [ "$started" != null ] && [ "$completed" != null ]; then
+    paid_secs=$(elapsed "$(date -u -d "$started" +%s.%N)" "$(date -u -d "$completed" +%s.%N)")
+  fi
   printf 'campaign %s %s: %s rows paid in %s s = %s rows/s (daemon start -> COMPLETED); demo saw COMPLETED %s s after payoutd started\n' \
     "$id" "$(json_get "$json" kind)" "$rows" "$paid_secs" "$(fmt_rate "$(json_get "$json" rows_per_sec)")" "$secs"
   printf '  rows by status:%s\n' "$counts"

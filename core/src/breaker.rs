@@ -30,8 +30,12 @@ impl Default for BreakerSettings {
 /// Where the breaker is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
-    Closed { consecutive_failures: u32 },
-    Open { until: Instant },
+    Closed {
+        consecutive_failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
     /// The probe is out; everything else waits.
     HalfOpen,
 }
@@ -162,6 +166,12 @@ impl Breaker {
         }
     }
 
+    /// Starts open, ready to probe at `until` (a restart found campaigns the breaker had paused:
+    /// Money's health is unknown, so it is probed before anything else is sent).
+    pub fn force_open(&mut self, until: Instant) {
+        self.state = BreakerState::Open { until };
+    }
+
     /// Closes a half-open breaker without a probe (there was nothing left to send).
     pub fn close_unprobed(&mut self) -> Option<Transition> {
         match self.state {
@@ -239,7 +249,11 @@ mod tests {
             (MoneyError::Server { status: 503, code: String::new() }, Signal::Failure),
             (MoneyError::Broken("eof".into()), Signal::Failure),
             (
-                MoneyError::Rejected { status: 404, code: "customer_not_found".into(), message: String::new() },
+                MoneyError::Rejected {
+                    status: 404,
+                    code: "customer_not_found".into(),
+                    message: String::new(),
+                },
                 Signal::Healthy,
             ),
             (MoneyError::RateLimited { status: 429, retry_after: None }, Signal::Neutral),

@@ -99,8 +99,65 @@ pub struct Stats {
     pub retried: AtomicU64,
     pub dead: AtomicU64,
     pub released: AtomicU64,
-    /// Sum of Money round-trip times in microseconds, for the mean.
-    pub money_latency_us: AtomicU64,
+    /// Money round-trip times as the daemon saw them.
+    pub money_latency: LatencyHistogram,
+}
+
+/// A lock-free histogram of durations: four buckets per power of two of microseconds (each
+/// bucket ≈ 19 % wide), up to about 17 minutes.
+#[derive(Debug)]
+pub struct LatencyHistogram {
+    buckets: Vec<AtomicU64>,
+}
+
+const LATENCY_BUCKETS: usize = 120;
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram { buckets: (0..LATENCY_BUCKETS).map(|_| AtomicU64::new(0)).collect() }
+    }
+}
+
+impl LatencyHistogram {
+    fn bucket(us: u64) -> usize {
+        if us <= 1 {
+            return 0;
+        }
+        let idx = ((us as f64).log2() * 4.0).floor() as usize;
+        idx.min(LATENCY_BUCKETS - 1)
+    }
+
+    /// The upper bound of a bucket, in microseconds.
+    fn upper_us(idx: usize) -> f64 {
+        2f64.powf((idx as f64 + 1.0) / 4.0)
+    }
+
+    pub fn record(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.buckets[Self::bucket(us)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The `q` quantile (0..=1) in milliseconds, as the upper bound of its bucket.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, n) in counts.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(Self::upper_us(i) / 1000.0);
+            }
+        }
+        None
+    }
 }
 
 /// Why a campaign run ended.
@@ -163,7 +220,10 @@ impl Gate {
 /// A request on its way to the dispatcher.
 struct Job {
     request: GrantRequest,
+    /// The claim's attempt count (fences the outcome write).
     attempts: i32,
+    /// Which attempt of the row's current retry budget this is.
+    budget_attempt: i32,
     outcomes: mpsc::UnboundedSender<RowOutcome>,
 }
 
@@ -225,6 +285,7 @@ impl Engine {
         shutdown: CancellationToken,
     ) {
         let mut fresh: Option<Vec<CampaignRow>> = None;
+        self.restore_breaker().await;
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -260,6 +321,21 @@ impl Engine {
                     }
                 }
             }
+        }
+    }
+
+    /// The breaker lives in memory; campaigns it paused are in the database. At start, if any
+    /// campaign is paused by the breaker, the breaker starts open and probes at once (else such a
+    /// campaign would wait for a breaker that no longer exists).
+    async fn restore_breaker(&self) {
+        let Ok(mut c) = conn(&self.pool).await else { return };
+        let Ok(candidates) = repo::breaker_candidates(&mut c).await else { return };
+        if candidates
+            .iter()
+            .any(|c| c.status == "PAUSED" && c.paused_by.as_deref() == Some("BREAKER"))
+        {
+            warn!("campaigns paused by the circuit breaker before this start: probing Money first");
+            lock_breaker(&self.breaker).force_open(Instant::now());
         }
     }
 
@@ -308,7 +384,8 @@ impl Engine {
         };
         let admitted = lock_breaker(&self.breaker).admit_probe(Instant::now());
         if admitted != Admission::Probe && admitted != Admission::Send {
-            self.write_one(&kind, campaign, claimed.target, claimed.attempts, Outcome::Released).await;
+            self.write_one(&kind, campaign, claimed.target, claimed.attempts, Outcome::Released)
+                .await;
             return;
         }
         self.limiter.acquire().await;
@@ -318,7 +395,12 @@ impl Engine {
         let result = self.money.grant(&request).await;
         let signal = Signal::of(&result);
         let error = result.as_ref().err().map(|e| e.to_string());
-        let outcome = decide(result, claimed.attempts, &self.settings.retry, rand::rng().random::<f64>());
+        let outcome = decide(
+            result,
+            claimed.budget_attempt(),
+            &self.settings.retry,
+            rand::rng().random::<f64>(),
+        );
         self.write_one(&kind, campaign, claimed.target, claimed.attempts, outcome).await;
         let transition = lock_breaker(&self.breaker).record_probe(signal, Instant::now());
         match transition {
@@ -331,7 +413,15 @@ impl Engine {
                 warn!(campaign.id = %campaign, error = %error, "breaker probe failed: open for another {} s", self.settings.breaker.open_for.as_secs());
                 if let Ok(mut c) = conn(&self.pool).await {
                     let detail = serde_json::json!({ "error": error }).to_string();
-                    let _ = repo::record_event(&mut c, Some(campaign), "BREAKER_PROBE_FAILED", None, &actor, Some(&detail)).await;
+                    let _ = repo::record_event(
+                        &mut c,
+                        Some(campaign),
+                        "BREAKER_PROBE_FAILED",
+                        None,
+                        &actor,
+                        Some(&detail),
+                    )
+                    .await;
                 }
             }
             Some(Transition::Opened) | None => {}
@@ -341,7 +431,8 @@ impl Engine {
     /// Claims one sendable row for a probe, writing invalid rows off as it goes.
     async fn claim_probe_row(
         &self,
-    ) -> Result<Option<(CampaignId, Arc<dyn ErasedKind>, repo::Claimed, GrantRequest)>, DbError> {
+    ) -> Result<Option<(CampaignId, Arc<dyn ErasedKind>, repo::Claimed, GrantRequest)>, DbError>
+    {
         let mut c = conn(&self.pool).await?;
         let owner = format!("{}/probe", self.settings.instance_id);
         for campaign in repo::breaker_candidates(&mut c).await? {
@@ -354,8 +445,20 @@ impl Engine {
                     Some(Ok(request)) => return Ok(Some((id, kind, claimed, request))),
                     Some(Err(invalid)) => {
                         let dead = Outcome::Dead { code: invalid.code, message: invalid.message };
-                        let row = RowOutcome { target: claimed.target, attempts: claimed.attempts, outcome: dead };
-                        repo::write_outcomes(&mut c, kind.table(), kind.kind(), id, &[row]).await?;
+                        let row = RowOutcome {
+                            target: claimed.target,
+                            attempts: claimed.attempts,
+                            outcome: dead,
+                        };
+                        repo::write_outcomes(
+                            &mut c,
+                            kind.table(),
+                            kind.kind(),
+                            id,
+                            repo::PROBE_SHARD,
+                            &[row],
+                        )
+                        .await?;
                     }
                     None => break,
                 }
@@ -368,23 +471,45 @@ impl Engine {
     async fn after_breaker_closed(&self, campaign: Option<CampaignId>, why: &str, actor: &str) {
         let Ok(mut c) = conn(&self.pool).await else { return };
         let detail = serde_json::json!({ "reason": why }).to_string();
-        if let Err(e) = repo::record_event(&mut c, campaign, "BREAKER_CLOSED", None, actor, Some(&detail)).await {
+        if let Err(e) =
+            repo::record_event(&mut c, campaign, "BREAKER_CLOSED", None, actor, Some(&detail)).await
+        {
             warn!(error = %e, "cannot record the breaker closing");
         }
         match repo::resume_breaker_paused(&mut c, actor).await {
-            Ok(ids) if !ids.is_empty() => info!(campaigns = ?ids, "campaigns paused by the breaker resume"),
+            Ok(ids) if !ids.is_empty() => {
+                info!(campaigns = ?ids, "campaigns paused by the breaker resume")
+            }
             Ok(_) => {}
-            Err(e) => warn!(error = %e, "cannot resume the campaigns the breaker paused; the next probe cycle retries"),
+            Err(e) => {
+                warn!(error = %e, "cannot resume the campaigns the breaker paused; the next probe cycle retries")
+            }
         }
     }
 
     /// Commits one row's outcome, trying a few times.
-    async fn write_one(&self, kind: &Arc<dyn ErasedKind>, campaign: CampaignId, target: TargetId, attempts: i32, outcome: Outcome) {
+    async fn write_one(
+        &self,
+        kind: &Arc<dyn ErasedKind>,
+        campaign: CampaignId,
+        target: TargetId,
+        attempts: i32,
+        outcome: Outcome,
+    ) {
         let row = [RowOutcome { target, attempts, outcome }];
         for attempt in 0..10u64 {
             let done = async {
                 let mut c = conn(&self.pool).await?;
-                repo::write_outcomes(&mut c, kind.table(), kind.kind(), campaign, &row).await.map_err(DbError::from)
+                repo::write_outcomes(
+                    &mut c,
+                    kind.table(),
+                    kind.kind(),
+                    campaign,
+                    repo::PROBE_SHARD,
+                    &row,
+                )
+                .await
+                .map_err(DbError::from)
             };
             match done.await {
                 Ok(()) => return,
@@ -462,6 +587,7 @@ impl Engine {
                 pool: self.pool.clone(),
                 kind: kind.clone(),
                 campaign: id,
+                shard: slice.partition_no as i16,
                 flush_interval: self.settings.flush_interval,
                 flush_rows: self.settings.flush_rows,
                 outstanding: outstanding.clone(),
@@ -555,9 +681,19 @@ impl Engine {
                 );
                 error!(campaign.id = %id, "{reason}; pausing the campaign");
                 if let Ok(mut c) = conn(&self.pool).await {
-                    let paused = repo::pause_by_daemon(&mut c, id, "BREAKER", &reason, &actor).await;
-                    let detail = serde_json::json!({ "last_error": last_error, "urgent": true }).to_string();
-                    let event = repo::record_event(&mut c, Some(id), "BREAKER_OPENED", None, &actor, Some(&detail)).await;
+                    let paused =
+                        repo::pause_by_daemon(&mut c, id, "BREAKER", &reason, &actor).await;
+                    let detail =
+                        serde_json::json!({ "last_error": last_error, "urgent": true }).to_string();
+                    let event = repo::record_event(
+                        &mut c,
+                        Some(id),
+                        "BREAKER_OPENED",
+                        None,
+                        &actor,
+                        Some(&detail),
+                    )
+                    .await;
                     if let Err(e) = paused.and(event) {
                         error!(campaign.id = %id, error = %e, "could not record the breaker pause");
                     }
@@ -575,6 +711,20 @@ impl Engine {
                         repo::pause_by_daemon(&mut c, id, "DAEMON", reason, &actor).await
                     {
                         error!(campaign.id = %id, error = %e, "could not pause the campaign");
+                    }
+                    let detail =
+                        serde_json::json!({ "reason": reason, "http_status": 401 }).to_string();
+                    if let Err(e) = repo::record_event(
+                        &mut c,
+                        Some(id),
+                        "CONFIG_FAULT",
+                        None,
+                        &actor,
+                        Some(&detail),
+                    )
+                    .await
+                    {
+                        error!(campaign.id = %id, error = %e, "could not record the configuration fault");
                     }
                 }
                 RunEnd::Unauthorized
@@ -740,11 +890,11 @@ impl Worker {
                 }
             }
         };
-        let attempts: HashMap<TargetId, i32> =
-            claimed.iter().map(|c| (c.target, c.attempts)).collect();
+        let attempts: HashMap<TargetId, (i32, i32)> =
+            claimed.iter().map(|c| (c.target, (c.attempts, c.budget_attempt()))).collect();
         let mut seen = 0usize;
         for p in prepared {
-            let Some(&att) = attempts.get(&p.target) else {
+            let Some(&(att, budget_attempt)) = attempts.get(&p.target) else {
                 continue;
             };
             seen += 1;
@@ -755,7 +905,12 @@ impl Worker {
                     Outcome::Dead { code: invalid.code, message: invalid.message },
                 ),
                 Ok(request) => {
-                    let job = Job { request, attempts: att, outcomes: self.outcomes.clone() };
+                    let job = Job {
+                        request,
+                        attempts: att,
+                        budget_attempt,
+                        outcomes: self.outcomes.clone(),
+                    };
                     if self.gate.is_closed() {
                         job.release();
                         continue;
@@ -862,9 +1017,7 @@ impl Dispatcher {
                 limiter.admit().await;
                 let started = Instant::now();
                 let result = money.grant(&job.request).await;
-                stats
-                    .money_latency_us
-                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                stats.money_latency.record(started.elapsed());
                 if let Err(MoneyError::Unauthorized) = &result {
                     gate.close(StopReason::Unauthorized);
                 }
@@ -874,7 +1027,8 @@ impl Dispatcher {
                     warn!(error = %last, "circuit breaker opened: Money looks down");
                     gate.close(StopReason::BreakerOpen(last));
                 }
-                let outcome = decide(result, job.attempts, &retry, rand::rng().random::<f64>());
+                let outcome =
+                    decide(result, job.budget_attempt, &retry, rand::rng().random::<f64>());
                 let _ = job.outcomes.send(RowOutcome {
                     target: job.request.target,
                     attempts: job.attempts,
@@ -889,7 +1043,8 @@ impl Dispatcher {
     }
 }
 
-/// What a Money answer means for the row, given the attempts made so far (this one included).
+/// What a Money answer means for the row, given which attempt of its retry budget this was
+/// (1 = the first; a requeue starts a fresh budget).
 pub fn decide(
     result: Result<crate::money::Granted, MoneyError>,
     attempts: i32,
@@ -937,6 +1092,8 @@ struct Writer {
     pool: DbPool,
     kind: Arc<dyn ErasedKind>,
     campaign: CampaignId,
+    /// The partition number: this writer's `campaign_counters` shard.
+    shard: i16,
     flush_interval: Duration,
     flush_rows: usize,
     outstanding: Arc<AtomicUsize>,
@@ -982,6 +1139,7 @@ impl Writer {
                     self.kind.table(),
                     self.kind.kind(),
                     self.campaign,
+                    self.shard,
                     buf,
                 )
                 .await
@@ -1028,6 +1186,20 @@ impl Writer {
 mod tests {
     use super::*;
     use crate::money::Granted;
+
+    #[test]
+    fn latency_quantiles_come_within_a_bucket() {
+        let h = LatencyHistogram::default();
+        assert_eq!(h.quantile_ms(0.5), None);
+        for ms in 1..=100u64 {
+            h.record(Duration::from_millis(ms));
+        }
+        let p50 = h.quantile_ms(0.5).unwrap();
+        let p99 = h.quantile_ms(0.99).unwrap();
+        assert!((50.0..=60.0).contains(&p50), "{p50}");
+        assert!((99.0..=120.0).contains(&p99), "{p99}");
+        assert_eq!(h.count(), 100);
+    }
 
     #[test]
     fn answers_become_row_outcomes() {

@@ -4,8 +4,10 @@
 //! Nothing here parses command lines or configuration files; the `payoutd` binary builds the
 //! plain settings structs defined here and hands them in.
 
+pub mod alerts;
 pub mod breaker;
 pub mod db;
+pub mod dead_letters;
 pub mod domain;
 pub mod engine;
 pub mod kind;

@@ -155,7 +155,13 @@ pub async fn running_queue(conn: &mut AsyncMysqlConnection) -> QResult<Vec<Campa
     .await
 }
 
-/// Appends to the audit trail / event log.
+/// Events that are also Slack alerts: recorded with `alert_state = 'PENDING'`, so the event log
+/// is the alert outbox (see `alerts`).
+pub const ALERT_EVENTS: [&str; 5] =
+    ["BREAKER_OPENED", "BREAKER_CLOSED", "COMPLETED", "CONFIG_FAULT", "FAILURE_RATE_HIGH"];
+
+/// Appends to the audit trail / event log; an event in [`ALERT_EVENTS`] is queued for delivery
+/// in the same statement.
 pub async fn record_event(
     conn: &mut AsyncMysqlConnection,
     campaign: Option<CampaignId>,
@@ -164,9 +170,11 @@ pub async fn record_event(
     actor: &str,
     detail: Option<&str>,
 ) -> QResult<()> {
+    let alert = ALERT_EVENTS.contains(&event);
     diesel::sql_query(
-        "INSERT INTO campaign_events (campaign_id, event, from_status, to_status, actor, detail) \
-         VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO campaign_events \
+         (campaign_id, event, from_status, to_status, actor, detail, alert_state, next_alert_at) \
+         VALUES (?, ?, ?, ?, ?, ?, CASE WHEN ? THEN 'PENDING' END, CASE WHEN ? THEN NOW(3) END)",
     )
     .bind::<Nullable<BigInt>, _>(campaign.map(|c| c.0))
     .bind::<Text, _>(event)
@@ -174,6 +182,8 @@ pub async fn record_event(
     .bind::<Nullable<Text>, _>(transition.map(|t| t.1))
     .bind::<Text, _>(truncate(actor, 128))
     .bind::<Nullable<Text>, _>(detail)
+    .bind::<diesel::sql_types::Bool, _>(alert)
+    .bind::<diesel::sql_types::Bool, _>(alert)
     .execute(conn)
     .await?;
     Ok(())
@@ -498,7 +508,17 @@ pub async fn recover_in_flight(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Claimed {
     pub target: TargetId,
+    /// Attempts made so far, this one included; fences this claim's outcome write.
     pub attempts: i32,
+    /// `attempts` when the row last got a fresh retry budget (a requeue).
+    pub retry_base: i32,
+}
+
+impl Claimed {
+    /// Which attempt of the current retry budget this is (1 = the first).
+    pub fn budget_attempt(&self) -> i32 {
+        (self.attempts - self.retry_base).max(1)
+    }
 }
 
 #[derive(QueryableByName)]
@@ -507,6 +527,8 @@ struct ClaimRow {
     id: i64,
     #[diesel(sql_type = Integer)]
     attempts: i32,
+    #[diesel(sql_type = Integer)]
+    retry_base: i32,
 }
 
 /// Claims up to `limit` PENDING rows of one partition: locks their ids (`SKIP LOCKED`), marks
@@ -521,7 +543,7 @@ pub async fn claim(
 ) -> QResult<Vec<Claimed>> {
     conn.transaction(async |c| {
         let rows: Vec<ClaimRow> = diesel::sql_query(format!(
-            "SELECT id, attempts FROM {table} \
+            "SELECT id, attempts, retry_base FROM {table} \
              WHERE event_id = ? AND status = 'PENDING' AND bucket >= ? AND bucket < ? \
              LIMIT ? FOR UPDATE SKIP LOCKED"
         ))
@@ -547,7 +569,11 @@ pub async fn claim(
         q.execute(c).await?;
         Ok(rows
             .into_iter()
-            .map(|r| Claimed { target: TargetId(r.id), attempts: r.attempts + 1 })
+            .map(|r| Claimed {
+                target: TargetId(r.id),
+                attempts: r.attempts + 1,
+                retry_base: r.retry_base,
+            })
             .collect())
     })
     .await
@@ -562,7 +588,7 @@ pub async fn claim_probe(
 ) -> QResult<Option<Claimed>> {
     conn.transaction(async |c| {
         let mut rows: Vec<ClaimRow> = diesel::sql_query(format!(
-            "SELECT id, attempts FROM {table} \
+            "SELECT id, attempts, retry_base FROM {table} \
              WHERE event_id = ? AND status IN ('PENDING', 'FAILED') LIMIT 1 FOR UPDATE SKIP LOCKED"
         ))
         .bind::<BigInt, _>(id.0)
@@ -577,7 +603,11 @@ pub async fn claim_probe(
         .bind::<BigInt, _>(row.id)
         .execute(c)
         .await?;
-        Ok(Some(Claimed { target: TargetId(row.id), attempts: row.attempts + 1 }))
+        Ok(Some(Claimed {
+            target: TargetId(row.id),
+            attempts: row.attempts + 1,
+            retry_base: row.retry_base,
+        }))
     })
     .await
 }
@@ -625,11 +655,15 @@ pub struct RowOutcome {
 }
 
 /// Writes a batch of outcomes in one transaction (one statement per outcome class).
+///
+/// `shard` names the writer in `campaign_counters` (a partition number; other writers use
+/// [`PROBE_SHARD`]), whose SUCCEEDED and DEAD counts change in the same transaction.
 pub async fn write_outcomes(
     conn: &mut AsyncMysqlConnection,
     table: &str,
     kind: &str,
     id: CampaignId,
+    shard: i16,
     outcomes: &[RowOutcome],
 ) -> QResult<()> {
     let mut granted = Vec::new();
@@ -645,18 +679,31 @@ pub async fn write_outcomes(
         }
     }
     conn.transaction(async |c| {
+        let mut succeeded_delta: i64 = 0;
+        let mut dead_delta: i64 = 0;
         if !granted.is_empty() {
-            let sql = format!(
-                "UPDATE {table} t JOIN ({}) v ON t.id = v.id \
-                 SET t.status = 'SUCCEEDED', t.transaction_id = v.tx, t.last_error = NULL, \
-                 t.next_attempt_at = NULL, t.updated_at = NOW(3)",
-                values_table(&["id", "tx"], granted.len())
-            );
-            let mut q = diesel::sql_query(sql).into_boxed::<Mysql>();
-            for (o, tx) in &granted {
-                q = q.bind::<BigInt, _>(o.target.0).bind::<Text, _>(truncate(tx, 128));
+            // Normally from IN_FLIGHT; a success found on a DEAD row (a race with a person's
+            // action) still wins, and moves the row between the counters.
+            for from in ["t.status NOT IN ('SUCCEEDED', 'DEAD')", "t.status = 'DEAD'"] {
+                let sql = format!(
+                    "UPDATE {table} t JOIN ({}) v ON t.id = v.id \
+                     SET t.status = 'SUCCEEDED', t.transaction_id = v.tx, t.last_error = NULL, \
+                     t.next_attempt_at = NULL, t.updated_at = NOW(3) WHERE {from}",
+                    values_table(&["id", "tx"], granted.len())
+                );
+                let mut q = diesel::sql_query(sql).into_boxed::<Mysql>();
+                for (o, tx) in &granted {
+                    q = q.bind::<BigInt, _>(o.target.0).bind::<Text, _>(truncate(tx, 128));
+                }
+                let n = q.execute(c).await? as i64;
+                succeeded_delta += n;
+                if from.contains("= 'DEAD'") {
+                    dead_delta -= n;
+                }
+                if succeeded_delta as usize >= granted.len() {
+                    break;
+                }
             }
-            q.execute(c).await?;
         }
         if !retry.is_empty() {
             let sql = format!(
@@ -690,7 +737,7 @@ pub async fn write_outcomes(
                     .bind::<Integer, _>(o.attempts)
                     .bind::<Text, _>(truncate(&format!("{code}: {message}"), MAX_ERROR_CHARS));
             }
-            q.execute(c).await?;
+            dead_delta += q.execute(c).await? as i64;
             // One unresolved dead letter per DEAD row; a retried write adds nothing.
             let sql = format!(
                 "INSERT INTO dead_letters \
@@ -728,9 +775,114 @@ pub async fn write_outcomes(
             }
             q.execute(c).await?;
         }
+        if succeeded_delta != 0 || dead_delta != 0 {
+            add_counters(c, id, shard, succeeded_delta, dead_delta).await?;
+        }
         Ok(())
     })
     .await
+}
+
+/// The `campaign_counters` shard of writers that are not a partition (the breaker probe).
+pub const PROBE_SHARD: i16 = 900;
+/// The `campaign_counters` shard of operator actions (requeue).
+pub const OPERATOR_SHARD: i16 = 901;
+
+/// Adds to a campaign's SUCCEEDED and DEAD counters (inside the caller's transaction).
+pub async fn add_counters(
+    conn: &mut AsyncMysqlConnection,
+    id: CampaignId,
+    shard: i16,
+    succeeded: i64,
+    dead: i64,
+) -> QResult<()> {
+    diesel::sql_query(
+        "INSERT INTO campaign_counters (campaign_id, shard, succeeded, dead) VALUES (?, ?, ?, ?) \
+         ON DUPLICATE KEY UPDATE succeeded = succeeded + ?, dead = dead + ?",
+    )
+    .bind::<BigInt, _>(id.0)
+    .bind::<SmallInt, _>(shard)
+    .bind::<BigInt, _>(succeeded)
+    .bind::<BigInt, _>(dead)
+    .bind::<BigInt, _>(succeeded)
+    .bind::<BigInt, _>(dead)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// One campaign's row of the `campaign_progress` view.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct Progress {
+    #[diesel(sql_type = BigInt)]
+    pub campaign_id: i64,
+    #[diesel(sql_type = Text)]
+    pub kind: String,
+    #[diesel(sql_type = Text)]
+    pub name: String,
+    #[diesel(sql_type = Text)]
+    pub status: String,
+    #[diesel(sql_type = BigInt)]
+    pub total_rows: i64,
+    #[diesel(sql_type = BigInt)]
+    pub succeeded: i64,
+    #[diesel(sql_type = BigInt)]
+    pub dead: i64,
+    #[diesel(sql_type = BigInt)]
+    pub in_flight: i64,
+    #[diesel(sql_type = BigInt)]
+    pub failed: i64,
+    #[diesel(sql_type = BigInt)]
+    pub pending: i64,
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    pub failure_rate_pct: f64,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Double>)]
+    pub current_rows_per_sec: Option<f64>,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Datetime>)]
+    pub started_at: Option<NaiveDateTime>,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Datetime>)]
+    pub completed_at: Option<NaiveDateTime>,
+}
+
+const PROGRESS_COLUMNS: &str = "campaign_id, kind, name, status, \
+     CAST(total_rows AS SIGNED) AS total_rows, CAST(succeeded AS SIGNED) AS succeeded, \
+     CAST(dead AS SIGNED) AS dead, CAST(in_flight AS SIGNED) AS in_flight, \
+     CAST(failed AS SIGNED) AS failed, CAST(pending AS SIGNED) AS pending, \
+     CAST(failure_rate_pct AS DOUBLE) AS failure_rate_pct, current_rows_per_sec, started_at, \
+     completed_at";
+
+impl Progress {
+    pub fn campaign_id(&self) -> CampaignId {
+        CampaignId(self.campaign_id)
+    }
+}
+
+/// The `campaign_progress` row of one campaign.
+pub async fn progress(
+    conn: &mut AsyncMysqlConnection,
+    id: CampaignId,
+) -> QResult<Option<Progress>> {
+    let mut rows: Vec<Progress> = diesel::sql_query(format!(
+        "SELECT {PROGRESS_COLUMNS} FROM campaign_progress WHERE campaign_id = ?"
+    ))
+    .bind::<BigInt, _>(id.0)
+    .load(conn)
+    .await?;
+    Ok(rows.pop())
+}
+
+/// Notes a campaign's current throughput (rows finished per second).
+pub async fn set_current_rate(
+    conn: &mut AsyncMysqlConnection,
+    id: CampaignId,
+    rows_per_sec: f64,
+) -> QResult<()> {
+    diesel::sql_query("UPDATE campaigns SET current_rows_per_sec = ? WHERE id = ?")
+        .bind::<diesel::sql_types::Double, _>(rows_per_sec)
+        .bind::<BigInt, _>(id.0)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Moves a campaign's FAILED rows whose retry time has come back to PENDING.

@@ -7,7 +7,7 @@ use chrono::Utc;
 use payout_core::db::{DbPool, conn};
 use payout_core::domain::OperatorCommand;
 use payout_core::repo::{self, CampaignRow};
-use payout_core::{CampaignId, KindRegistry, TargetStatus};
+use payout_core::{CampaignId, TargetStatus};
 use serde::Serialize;
 
 /// Applies `command` to campaign `id` and reports the change on stdout.
@@ -35,40 +35,44 @@ pub(crate) struct Progress {
     pub(crate) counts: BTreeMap<&'static str, u64>,
     /// (FAILED + DEAD) / all rows × 100.
     pub(crate) failure_rate_pct: f64,
-    /// Rows finished (SUCCEEDED or DEAD) per second since the campaign started.
+    /// Rows finished (SUCCEEDED or DEAD) per second over the daemon's last throughput interval.
+    pub(crate) current_rows_per_sec: Option<f64>,
+    /// Rows finished per second since the campaign started.
     pub(crate) rows_per_sec: Option<f64>,
     pub(crate) rows_left: u64,
+    /// Seconds to go at the current rate (at the average rate when there is no current one).
     pub(crate) eta_secs: Option<f64>,
     pub(crate) partitions: Option<i16>,
     pub(crate) started_at: Option<String>,
     pub(crate) completed_at: Option<String>,
 }
 
-async fn progress(
-    pool: &DbPool,
-    kinds: &KindRegistry,
-    row: CampaignRow,
-) -> anyhow::Result<Progress> {
-    let mut counts: BTreeMap<&'static str, u64> =
-        TargetStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect();
-    if let Some(kind) = kinds.get(&row.kind) {
-        let mut c = conn(pool).await.context("cannot reach the database")?;
-        for (status, n) in repo::count_by_status(&mut c, kind.table(), row.id()).await? {
-            counts.insert(status.as_str(), n);
-        }
-    }
-    let get = |s: TargetStatus| counts.get(s.as_str()).copied().unwrap_or(0);
-    let rows: u64 = counts.values().sum();
-    let done = get(TargetStatus::Succeeded) + get(TargetStatus::Dead);
-    let failed = get(TargetStatus::Failed) + get(TargetStatus::Dead);
-    let rows_left = rows - done;
-    let failure_rate_pct = if rows == 0 { 0.0 } else { failed as f64 * 100.0 / rows as f64 };
+async fn progress(pool: &DbPool, row: CampaignRow) -> anyhow::Result<Progress> {
+    let mut c = conn(pool).await.context("cannot reach the database")?;
+    let p = repo::progress(&mut c, row.id())
+        .await?
+        .with_context(|| format!("campaign {} does not exist", row.id))?;
+    let n = |v: i64| v.max(0) as u64;
+    let counts: BTreeMap<&'static str, u64> = [
+        (TargetStatus::Pending, n(p.pending)),
+        (TargetStatus::InFlight, n(p.in_flight)),
+        (TargetStatus::Succeeded, n(p.succeeded)),
+        (TargetStatus::Failed, n(p.failed)),
+        (TargetStatus::Dead, n(p.dead)),
+    ]
+    .into_iter()
+    .map(|(s, v)| (s.as_str(), v))
+    .collect();
+    let rows = n(p.total_rows);
+    let done = n(p.succeeded) + n(p.dead);
+    let rows_left = rows.saturating_sub(done);
     let end = row.completed_at.unwrap_or_else(|| Utc::now().naive_utc());
     let rows_per_sec = row.started_at.and_then(|s| {
         let secs = (end - s).num_milliseconds() as f64 / 1000.0;
         (secs > 0.0).then(|| done as f64 / secs)
     });
-    let eta_secs = match rows_per_sec {
+    let current = p.current_rows_per_sec.filter(|_| row.status == "RUNNING");
+    let eta_secs = match current.filter(|r| *r > 0.0).or(rows_per_sec) {
         _ if rows_left == 0 => Some(0.0),
         Some(r) if r > 0.0 => Some(rows_left as f64 / r),
         _ => None,
@@ -84,7 +88,8 @@ async fn progress(
         status_reason: row.status_reason.clone(),
         rows,
         counts,
-        failure_rate_pct,
+        failure_rate_pct: p.failure_rate_pct,
+        current_rows_per_sec: current,
         rows_per_sec,
         rows_left,
         eta_secs,
@@ -97,10 +102,14 @@ async fn progress(
 /// `campaign status [ID]`: one campaign, or every campaign not yet COMPLETED.
 pub(crate) async fn status(
     pool: &DbPool,
-    kinds: &KindRegistry,
     id: Option<i64>,
     json: bool,
+    watch: bool,
 ) -> anyhow::Result<()> {
+    if watch {
+        let id = id.context("--watch needs a campaign id")?;
+        return watch_progress(pool, id, json).await;
+    }
     let mut c = conn(pool).await.context("cannot reach the database")?;
     let rows = match id {
         Some(id) => vec![
@@ -115,7 +124,7 @@ pub(crate) async fn status(
     drop(c);
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        out.push(progress(pool, kinds, row).await?);
+        out.push(progress(pool, row).await?);
     }
     if json {
         let text = match (id, out.as_slice()) {
@@ -142,22 +151,94 @@ fn print_progress(p: &Progress) {
     let counts: Vec<String> = p.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!("  rows {}: {}", p.rows, counts.join(", "));
     println!("  failure rate {:.2} % ((FAILED + DEAD) / all rows)", p.failure_rate_pct);
-    let rate = p.rows_per_sec.map(|r| format!("{r:.1} rows/s")).unwrap_or_else(|| "-".to_owned());
-    let eta = p.eta_secs.map(|s| format!("{s:.0} s")).unwrap_or_else(|| "-".to_owned());
-    println!("  throughput {rate} (average since start), {} rows left, ETA {eta}", p.rows_left);
+    let rate =
+        |r: Option<f64>| r.map(|r| format!("{r:.1} rows/s")).unwrap_or_else(|| "-".to_owned());
+    println!(
+        "  throughput {} now, {} on average since start",
+        rate(p.current_rows_per_sec),
+        rate(p.rows_per_sec)
+    );
+    println!("  {} rows left, ETA {}", p.rows_left, eta(p.eta_secs));
     if let Some(n) = p.partitions {
         println!("  partitions {n}");
     }
 }
 
+fn eta(secs: Option<f64>) -> String {
+    match secs {
+        Some(s) if s >= 3600.0 => {
+            format!("{}h{:02}m", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64)
+        }
+        Some(s) if s >= 60.0 => format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64),
+        Some(s) => format!("{s:.0}s"),
+        None => "-".to_owned(),
+    }
+}
+
+/// `campaign status ID --watch`: one progress line a second (a bar on a terminal) until the
+/// campaign is COMPLETED.
+async fn watch_progress(pool: &DbPool, id: i64, json: bool) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stdout().is_terminal() && !json;
+    loop {
+        let row = {
+            let mut c = conn(pool).await.context("cannot reach the database")?;
+            repo::campaign(&mut c, CampaignId(id))
+                .await?
+                .with_context(|| format!("campaign {id} does not exist"))?
+        };
+        let p = progress(pool, row).await?;
+        let done = p.rows - p.rows_left;
+        let share = if p.rows == 0 { 1.0 } else { done as f64 / p.rows as f64 };
+        if json {
+            println!("{}", serde_json::to_string(&p)?);
+        } else {
+            const WIDTH: usize = 30;
+            let filled = ((share * WIDTH as f64) as usize).min(WIDTH);
+            let rate = p.current_rows_per_sec.or(p.rows_per_sec).unwrap_or(0.0);
+            let line = format!(
+                "campaign {id} {:<9} [{}{}] {:5.1}% {done}/{} rows  {rate:.0} rows/s  failed {:.2}%  ETA {}",
+                p.status,
+                "#".repeat(filled),
+                ".".repeat(WIDTH - filled),
+                share * 100.0,
+                p.rows,
+                p.failure_rate_pct,
+                eta(p.eta_secs)
+            );
+            if tty {
+                print!("\r{line}\x1b[K");
+                std::io::stdout().flush()?;
+            } else {
+                println!("{line}");
+            }
+        }
+        if p.status == "COMPLETED" {
+            if tty {
+                println!();
+            }
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = tokio::signal::ctrl_c() => {
+                if tty {
+                    println!();
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
 /// `campaign list`: every campaign with its status and progress.
-pub(crate) async fn list(pool: &DbPool, kinds: &KindRegistry, json: bool) -> anyhow::Result<()> {
+pub(crate) async fn list(pool: &DbPool, json: bool) -> anyhow::Result<()> {
     let mut c = conn(pool).await.context("cannot reach the database")?;
     let rows = repo::campaigns(&mut c).await?;
     drop(c);
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        out.push(progress(pool, kinds, row).await?);
+        out.push(progress(pool, row).await?);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&out)?);

@@ -51,6 +51,8 @@
 //! | `retry.jitter` | `PAYOUTD_RETRY__JITTER` | `0.2` (0 to 1): share by which a delay randomly varies either way |
 //! | `breaker.failure_threshold` | `PAYOUTD_BREAKER__FAILURE_THRESHOLD` | `10` (at least 1): consecutive transient Money failures that open the circuit breaker |
 //! | `breaker.open_for` | `PAYOUTD_BREAKER__OPEN_FOR` | `30s` (above 0): how long the breaker stays open before one probe |
+//! | `alerts.failure_rate_threshold_pct` | `PAYOUTD_ALERTS__FAILURE_RATE_THRESHOLD_PCT` | `1.0` (0 to 100): a campaign's failure rate ((FAILED + DEAD) / all rows × 100) above this raises one Slack alert per crossing |
+//! | `alerts.failure_rate_check_interval` | `PAYOUTD_ALERTS__FAILURE_RATE_CHECK_INTERVAL` | `5s` (1s to 59s, whole seconds): how often the failure rate of running campaigns is checked |
 //! | `log.format` | `PAYOUTD_LOG__FORMAT` | `"auto"`: `"json"`, `"text"`, or `"auto"` (text on a terminal, else JSON) |
 //! | `log.filter` | `PAYOUTD_LOG__FILTER` | `"info"`, in `tracing` `EnvFilter` syntax (e.g. `info,payout_core=debug`) |
 //! | `log.throughput_interval` | `PAYOUTD_LOG__THROUGHPUT_INTERVAL` | `10s` (above 0): period of the throughput line per running campaign |
@@ -100,6 +102,7 @@ pub(crate) struct Settings {
     pub(crate) payout: PayoutSettings,
     pub(crate) retry: RetrySettings,
     pub(crate) breaker: BreakerSettings,
+    pub(crate) alerts: AlertSettings,
     pub(crate) log: LogSettings,
     /// The TOML file that was read, if any.
     pub(crate) file: Option<PathBuf>,
@@ -174,6 +177,22 @@ impl Default for BreakerSettings {
     }
 }
 
+/// `[alerts]`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct AlertSettings {
+    pub(crate) failure_rate_threshold_pct: f64,
+    pub(crate) failure_rate_check_interval: Duration,
+}
+
+impl Default for AlertSettings {
+    fn default() -> Self {
+        AlertSettings {
+            failure_rate_threshold_pct: 1.0,
+            failure_rate_check_interval: Duration::from_secs(5),
+        }
+    }
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LogSettings {
@@ -199,10 +218,6 @@ pub(crate) enum LogFormat {
 pub(crate) struct RunSettings {
     pub(crate) money_base_url: String,
     pub(crate) money_api_key: Secret,
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "read once Slack alerts are wired into `payoutd run`")
-    )]
     pub(crate) slack_webhook_url: Option<Secret>,
 }
 
@@ -456,6 +471,11 @@ impl Settings {
         out.section("breaker");
         out.plain("failure_threshold", b.failure_threshold);
         out.duration("open_for", b.open_for);
+
+        let a = &self.alerts;
+        out.section("alerts");
+        out.float("failure_rate_threshold_pct", a.failure_rate_threshold_pct);
+        out.duration("failure_rate_check_interval", a.failure_rate_check_interval);
 
         let l = &self.log;
         out.section("log");
@@ -927,6 +947,7 @@ struct Raw {
     payout: RawPayout,
     retry: RawRetry,
     breaker: RawBreaker,
+    alerts: RawAlerts,
     log: RawLog,
 }
 
@@ -936,6 +957,15 @@ struct RawBreaker {
     failure_threshold: Option<u32>,
     #[serde(deserialize_with = "duration")]
     open_for: Option<Duration>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawAlerts {
+    #[serde(deserialize_with = "float")]
+    failure_rate_threshold_pct: Option<f64>,
+    #[serde(deserialize_with = "duration")]
+    failure_rate_check_interval: Option<Duration>,
 }
 
 #[derive(Default, Deserialize)]
@@ -1160,6 +1190,7 @@ impl Check<'_> {
             payout: self.payout(raw.payout)?,
             retry: self.retry(raw.retry)?,
             breaker: self.breaker(raw.breaker)?,
+            alerts: self.alerts(raw.alerts)?,
             log: self.log(raw.log)?,
             file: None,
         })
@@ -1320,6 +1351,30 @@ impl Check<'_> {
                 "must be at least 1",
             )?,
             open_for: self.positive("breaker.open_for", raw.open_for, d.open_for)?,
+        })
+    }
+
+    fn alerts(&self, raw: RawAlerts) -> Result<AlertSettings, ConfigError> {
+        let d = AlertSettings::default();
+        Ok(AlertSettings {
+            failure_rate_threshold_pct: self.value(
+                "alerts.failure_rate_threshold_pct",
+                raw.failure_rate_threshold_pct,
+                d.failure_rate_threshold_pct,
+                |p| (0.0..=100.0).contains(&p),
+                "must be a percentage from 0 to 100",
+            )?,
+            // The scheduler runs jobs on whole seconds of a minute (a 6-field cron line).
+            failure_rate_check_interval: self.value(
+                "alerts.failure_rate_check_interval",
+                raw.failure_rate_check_interval,
+                d.failure_rate_check_interval,
+                |i| {
+                    i.subsec_nanos() == 0
+                        && (Duration::from_secs(1)..=Duration::from_secs(59)).contains(&i)
+                },
+                "must be whole seconds from 1s to 59s",
+            )?,
         })
     }
 
@@ -1572,6 +1627,13 @@ mod tests {
                 throughput_interval: Duration::from_secs(10),
             }
         );
+        assert_eq!(
+            s.alerts,
+            AlertSettings {
+                failure_rate_threshold_pct: 1.0,
+                failure_rate_check_interval: Duration::from_secs(5),
+            }
+        );
         assert!(s.slack_webhook_url()?.is_none());
         assert!(s.file.is_none());
         Ok(())
@@ -1795,6 +1857,31 @@ mod tests {
             ("PAYOUTD_RETRY__MULTIPLIER", "0.5", "retry.multiplier"),
             ("PAYOUTD_RETRY__JITTER", "1.5", "retry.jitter"),
             ("PAYOUTD_RETRY__MAX_DELAY", "1s", "retry.max_delay"),
+            (
+                "PAYOUTD_ALERTS__FAILURE_RATE_THRESHOLD_PCT",
+                "101",
+                "alerts.failure_rate_threshold_pct",
+            ),
+            (
+                "PAYOUTD_ALERTS__FAILURE_RATE_THRESHOLD_PCT",
+                "-1",
+                "alerts.failure_rate_threshold_pct",
+            ),
+            (
+                "PAYOUTD_ALERTS__FAILURE_RATE_CHECK_INTERVAL",
+                "0s",
+                "alerts.failure_rate_check_interval",
+            ),
+            (
+                "PAYOUTD_ALERTS__FAILURE_RATE_CHECK_INTERVAL",
+                "1500ms",
+                "alerts.failure_rate_check_interval",
+            ),
+            (
+                "PAYOUTD_ALERTS__FAILURE_RATE_CHECK_INTERVAL",
+                "1m",
+                "alerts.failure_rate_check_interval",
+            ),
             ("PAYOUTD_LOG__FORMAT", "xml", "log.format"),
             ("PAYOUTD_LOG__FILTER", "info,[", "log.filter"),
             ("PAYOUTD_MONEY__BASE_URL", "money.internal", "money.base_url"),
@@ -2036,6 +2123,8 @@ mod tests {
                 ("PAYOUTD_EXECUTOR__DRAIN_TIMEOUT", "1500ms"),
                 ("PAYOUTD_PAYOUT__EXPIRY_UTC_OFFSET", "-05:30"),
                 ("PAYOUTD_RETRY__JITTER", "0.25"),
+                ("PAYOUTD_ALERTS__FAILURE_RATE_THRESHOLD_PCT", "2.5"),
+                ("PAYOUTD_ALERTS__FAILURE_RATE_CHECK_INTERVAL", "10s"),
                 ("PAYOUTD_LOG__FILTER", "warn,payoutd=debug"),
             ]),
         )?;
@@ -2044,6 +2133,7 @@ mod tests {
         assert_eq!(back.executor, s.executor);
         assert_eq!(back.payout, s.payout);
         assert_eq!(back.retry, s.retry);
+        assert_eq!(back.alerts, s.alerts);
         assert_eq!(back.log, s.log);
         assert_eq!(back.database.pool_size, s.database.pool_size);
         assert_eq!(back.money.timeout, s.money.timeout);

@@ -5,6 +5,7 @@
 
 mod campaign;
 mod config;
+mod dead_letters;
 mod ident;
 mod run;
 mod schedule;
@@ -44,6 +45,9 @@ enum Command {
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// List and requeue dead letters (rows that need a person).
+    #[command(subcommand)]
+    DeadLetters(dead_letters::DeadLettersCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,6 +67,9 @@ enum CampaignCommand {
         /// Print JSON for machines.
         #[arg(long)]
         json: bool,
+        /// Redraw a progress line every second until the campaign is COMPLETED (needs ID).
+        #[arg(long)]
+        watch: bool,
     },
     /// Every campaign with its status and progress.
     List {
@@ -116,7 +123,6 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Campaign(c) => {
             let pool = run::pool(&settings)?;
-            let kinds = run::kinds();
             let actor = format!("cli:{}", ident::os_user());
             match c {
                 CampaignCommand::Start { id } => {
@@ -131,11 +137,16 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 CampaignCommand::Stop { id } => {
                     campaign::command(&pool, id, OperatorCommand::Stop, &actor).await
                 }
-                CampaignCommand::Status { id, json } => {
-                    campaign::status(&pool, &kinds, id, json).await
+                CampaignCommand::Status { id, json, watch } => {
+                    campaign::status(&pool, id, json, watch).await
                 }
-                CampaignCommand::List { json } => campaign::list(&pool, &kinds, json).await,
+                CampaignCommand::List { json } => campaign::list(&pool, json).await,
             }
+        }
+        Command::DeadLetters(c) => {
+            let pool = run::pool(&settings)?;
+            let actor = format!("cli:{}", ident::os_user());
+            dead_letters::command(&pool, &run::kinds(), c, &actor).await
         }
         Command::Config(ConfigCommand::Check) => {
             print!("{}", settings.masked_toml());

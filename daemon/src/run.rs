@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::FixedOffset;
 use payout_core::KindRegistry;
+use payout_core::alerts::{AlertDelivery, FailureRateWatcher};
 use payout_core::db::{self, DbPool, DbSettings};
 use payout_core::engine::{Engine, EngineSettings};
 use payout_core::money::{MoneyClient, MoneySettings};
@@ -139,27 +140,42 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     })
     .await?;
-    let stats = engine.stats();
-    let interval_secs = settings.log.throughput_interval.as_secs().clamp(1, 59) as u32;
-    let last = Arc::new(std::sync::Mutex::new((Instant::now(), 0u64)));
-    jobs.every("throughput-log", interval_secs, move || {
-        let stats = stats.clone();
-        let last = last.clone();
+    // Slack alerts: their own job and HTTP client, so a slow or dead Slack never slows payouts.
+    let webhook = run.slack_webhook_url.as_ref().map(|u| SecretString::from(u.expose().to_owned()));
+    let delivery = Arc::new(AlertDelivery::new(pool.clone(), webhook)?);
+    if !delivery.has_webhook() {
+        info!("slack.webhook_url is not set: alerts are written to this log only");
+    }
+    jobs.every("alert-delivery", 1, move || {
+        let d = delivery.clone();
         async move {
-            let sent = stats.sent.load(Ordering::Relaxed);
-            let Ok(mut l) = last.lock() else { return };
-            let secs = l.0.elapsed().as_secs_f64().max(0.001);
-            let tps = (sent - l.1) as f64 / secs;
-            *l = (Instant::now(), sent);
-            info!(
-                rows_sent = sent,
-                tps = format!("{tps:.1}"),
-                granted = stats.granted.load(Ordering::Relaxed),
-                retried = stats.retried.load(Ordering::Relaxed),
-                dead = stats.dead.load(Ordering::Relaxed),
-                "throughput"
-            );
+            if let Err(e) = d.tick().await {
+                warn!(error = %e, "alert delivery failed; pending alerts are retried");
+            }
         }
+    })
+    .await?;
+    let watcher = Arc::new(FailureRateWatcher::new(
+        pool.clone(),
+        kinds.clone(),
+        settings.alerts.failure_rate_threshold_pct,
+        format!("daemon:{instance_id}"),
+    ));
+    let check_secs = settings.alerts.failure_rate_check_interval.as_secs().clamp(1, 59) as u32;
+    jobs.every("failure-rate", check_secs, move || {
+        let w = watcher.clone();
+        async move {
+            if let Err(e) = w.tick().await {
+                warn!(error = %e, "failure-rate check failed");
+            }
+        }
+    })
+    .await?;
+    let throughput = Arc::new(Throughput::new(pool.clone(), engine.stats()));
+    let interval_secs = settings.log.throughput_interval.as_secs().clamp(1, 59) as u32;
+    jobs.every("throughput-log", interval_secs, move || {
+        let t = throughput.clone();
+        async move { t.tick().await }
     })
     .await?;
     jobs.start().await?;
@@ -173,7 +189,18 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     engine.run(queue, shutdown.clone()).await;
     notify(&[sd_notify::NotifyState::Stopping]);
     jobs.shutdown().await;
-    info!("payoutd stopped");
+    let stats = engine.stats();
+    let ms =
+        |q: f64| stats.money_latency.quantile_ms(q).map(|v| format!("{v:.1}")).unwrap_or_default();
+    info!(
+        requests_sent = stats.sent.load(Ordering::Relaxed),
+        granted = stats.granted.load(Ordering::Relaxed),
+        retried = stats.retried.load(Ordering::Relaxed),
+        dead = stats.dead.load(Ordering::Relaxed),
+        money_p50_ms = ms(0.5),
+        money_p99_ms = ms(0.99),
+        "payoutd stopped"
+    );
     Ok(())
 }
 
@@ -210,6 +237,95 @@ async fn watchdog(health: Arc<crate::schedule::JobHealth>, shutdown: Cancellatio
             notify(&[sd_notify::NotifyState::Watchdog]);
         } else {
             warn!(jobs = ?stale, "periodic jobs stalled: withholding the watchdog ping");
+        }
+    }
+}
+
+/// The throughput line: every interval, one structured line per RUNNING campaign (rows finished
+/// per second over the interval, counts, failure rate) and the process's request rate; the
+/// campaign's current rate is also stored for `campaign status`.
+struct Throughput {
+    pool: DbPool,
+    stats: Arc<payout_core::engine::Stats>,
+    last: std::sync::Mutex<(Instant, u64, std::collections::HashMap<i64, u64>)>,
+}
+
+impl Throughput {
+    fn new(pool: DbPool, stats: Arc<payout_core::engine::Stats>) -> Throughput {
+        Throughput {
+            pool,
+            stats,
+            last: std::sync::Mutex::new((Instant::now(), 0, Default::default())),
+        }
+    }
+
+    async fn tick(&self) {
+        use payout_core::repo;
+        let sent = self.stats.sent.load(Ordering::Relaxed);
+        let mut rows = Vec::new();
+        if let Ok(mut c) = db::conn(&self.pool).await {
+            if let Ok(campaigns) = repo::campaigns(&mut c).await {
+                for campaign in campaigns.into_iter().filter(|c| c.status == "RUNNING") {
+                    if let Ok(Some(p)) = repo::progress(&mut c, campaign.id()).await {
+                        rows.push(p);
+                    }
+                }
+            }
+        }
+        let (secs, requests_per_sec, previous) = {
+            let Ok(mut last) = self.last.lock() else { return };
+            let secs = last.0.elapsed().as_secs_f64().max(0.001);
+            let rps = sent.saturating_sub(last.1) as f64 / secs;
+            let previous = std::mem::take(&mut last.2);
+            last.0 = Instant::now();
+            last.1 = sent;
+            last.2 = rows
+                .iter()
+                .map(|p| (p.campaign_id, (p.succeeded + p.dead).max(0) as u64))
+                .collect();
+            (secs, rps, previous)
+        };
+        for p in &rows {
+            let done = (p.succeeded + p.dead).max(0) as u64;
+            let rate = previous
+                .get(&p.campaign_id)
+                .map(|before| done.saturating_sub(*before) as f64 / secs);
+            if let (Some(rate), Ok(mut c)) = (rate, db::conn(&self.pool).await) {
+                let _ = repo::set_current_rate(&mut c, p.campaign_id(), rate).await;
+            }
+            info!(
+                campaign.id = p.campaign_id,
+                tps = format!("{:.1}", rate.unwrap_or(0.0)),
+                requests_per_sec = format!("{requests_per_sec:.1}"),
+                rows_sent_total = sent,
+                rows = p.total_rows,
+                succeeded = p.succeeded,
+                failed = p.failed,
+                dead = p.dead,
+                pending = p.pending,
+                in_flight = p.in_flight,
+                failure_rate_pct = format!("{:.2}", p.failure_rate_pct),
+                money_p50_ms = self
+                    .stats
+                    .money_latency
+                    .quantile_ms(0.5)
+                    .map(|v| format!("{v:.1}"))
+                    .unwrap_or_default(),
+                money_p99_ms = self
+                    .stats
+                    .money_latency
+                    .quantile_ms(0.99)
+                    .map(|v| format!("{v:.1}"))
+                    .unwrap_or_default(),
+                "throughput"
+            );
+        }
+        if rows.is_empty() && sent > 0 {
+            info!(
+                requests_per_sec = format!("{requests_per_sec:.1}"),
+                rows_sent_total = sent,
+                "throughput (no RUNNING campaign)"
+            );
         }
     }
 }

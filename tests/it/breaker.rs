@@ -33,7 +33,8 @@ fn breaker_env() -> Vec<(&'static str, &'static str)> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_breaker_opens_after_ten_failures_pauses_probes_once_and_resumes() -> anyhow::Result<()> {
+async fn the_breaker_opens_after_ten_failures_pauses_probes_once_and_resumes() -> anyhow::Result<()>
+{
     let _timing = shared().await;
     let db = TestDb::new().await?;
     let sim = sim(SimConfig { fail_5xx_share: 1.0, ..sim_config() }).await?;
@@ -45,7 +46,8 @@ async fn the_breaker_opens_after_ten_failures_pauses_probes_once_and_resumes() -
     wait_status(&db, 43, "PAUSED", LONG).await?;
     assert_eq!(paused_by(&db, 43).await?.as_deref(), Some("BREAKER"));
     assert_eq!(events(&db, 43, "BREAKER_OPENED").await?, 1);
-    let reason: Vec<Option<String>> = db.query("SELECT status_reason FROM campaigns WHERE id = 43").await?;
+    let reason: Vec<Option<String>> =
+        db.query("SELECT status_reason FROM campaigns WHERE id = 43").await?;
     let reason = reason.into_iter().next().flatten().unwrap_or_default();
     assert!(reason.contains("circuit breaker opened after 10 consecutive failures"), "{reason}");
     // Ten failures opened it; the few already in flight (at most 4) finished.
@@ -53,7 +55,10 @@ async fn the_breaker_opens_after_ten_failures_pauses_probes_once_and_resumes() -
     assert!((10..=14).contains(&at_open), "{at_open} requests before the breaker opened");
 
     // The first probe fails (Money still down): exactly one request, then open again.
-    eventually(LONG, "a failed probe", || async { Ok((events(&db, 43, "BREAKER_PROBE_FAILED").await? >= 1).then_some(())) }).await?;
+    eventually(LONG, "a failed probe", || async {
+        Ok((events(&db, 43, "BREAKER_PROBE_FAILED").await? >= 1).then_some(()))
+    })
+    .await?;
     assert_eq!(sim.ledger().requests_total, at_open + 1, "exactly one probe per half-open period");
     assert_eq!(db.status(43).await?, "PAUSED");
 
@@ -70,7 +75,8 @@ async fn the_breaker_opens_after_ten_failures_pauses_probes_once_and_resumes() -
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_operator_paused_campaign_does_not_resume_when_the_breaker_closes() -> anyhow::Result<()> {
+async fn an_operator_paused_campaign_does_not_resume_when_the_breaker_closes() -> anyhow::Result<()>
+{
     let _timing = shared().await;
     let db = TestDb::new().await?;
     let sim = sim(SimConfig { fail_5xx_share: 1.0, ..sim_config() }).await?;
@@ -105,14 +111,16 @@ async fn an_operator_paused_campaign_does_not_resume_when_the_breaker_closes() -
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_401_pauses_the_campaign_with_a_clear_reason_and_sends_nothing_more() -> anyhow::Result<()> {
+async fn a_401_pauses_the_campaign_with_a_clear_reason_and_sends_nothing_more() -> anyhow::Result<()>
+{
     let _timing = shared().await;
     let db = TestDb::new().await?;
     let sim = sim(SimConfig { api_key: "the-right-key".into(), ..SimConfig::default() }).await?;
     db.campaign(43, "POINT", "misconfigured").await?;
     db.load_points(43, &point_rows(500)).await?;
     db.exec("UPDATE campaigns SET status = 'RUNNING' WHERE id = 43").await?;
-    let daemon = Daemon::start(&db, &sim.base_url(), &[("PAYOUTD_MONEY__MAX_IN_FLIGHT", "8")]).await?;
+    let daemon =
+        Daemon::start(&db, &sim.base_url(), &[("PAYOUTD_MONEY__MAX_IN_FLIGHT", "8")]).await?;
     wait_status(&db, 43, "PAUSED", LONG).await?;
     let reason: Vec<(Option<String>, Option<String>)> =
         db.query("SELECT paused_by, status_reason FROM campaigns WHERE id = 43").await?;
@@ -125,7 +133,9 @@ async fn a_401_pauses_the_campaign_with_a_clear_reason_and_sends_nothing_more() 
     assert_eq!(sim.ledger().requests_total, sent, "nothing more is sent");
     // No row was attempted as far as Money is concerned: all PENDING, no attempt counted.
     assert_eq!(db.counts("point_targets", 43).await?.get("PENDING"), Some(&500));
-    let attempts: Vec<i64> = db.query("SELECT CAST(SUM(attempts) AS SIGNED) FROM point_targets WHERE event_id = 43").await?;
+    let attempts: Vec<i64> = db
+        .query("SELECT CAST(SUM(attempts) AS SIGNED) FROM point_targets WHERE event_id = 43")
+        .await?;
     assert_eq!(attempts, vec![0]);
     let log = daemon.log_text();
     assert!(!log.contains(SIM_KEY) && !log.contains("the-right-key"), "keys stay out of logs");

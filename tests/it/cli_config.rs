@@ -48,29 +48,61 @@ async fn operator_commands_follow_the_state_machine_and_are_audited() -> anyhow:
 async fn status_reports_counts_failure_rate_and_json() -> anyhow::Result<()> {
     let _timing = shared().await;
     let db = TestDb::new().await?;
+    let sim = sim(sim_config()).await?;
     db.campaign(43, "POINT", "winter points").await?;
-    db.load_points(43, &point_rows(100)).await?;
-    db.exec("UPDATE point_targets SET status = 'SUCCEEDED' WHERE id <= 90").await?;
-    db.exec("UPDATE point_targets SET status = 'DEAD' WHERE id > 98").await?;
-    db.exec("UPDATE point_targets SET status = 'FAILED' WHERE id IN (97, 98)").await?;
+    // 100 rows: 4 unknown customers (404: DEAD) and 2 invalid rows (DEAD without a request).
+    let mut rows = point_rows(100);
+    for (i, row) in rows.iter_mut().enumerate().take(4) {
+        row.0 = format!("missing-{i}");
+    }
+    rows[10].1 = 0;
+    rows[11].2 = "2027023100000".into();
+    db.load_points(43, &rows).await?;
+
+    let (ok, out, err) = cli(&db, &["campaign", "status", "43", "--json"]).await?;
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!((v["status"].as_str(), v["rows"].as_u64()), (Some("READY"), Some(100)));
+    assert_eq!(v["counts"]["PENDING"], 100);
+
+    db.exec("UPDATE campaigns SET status = 'RUNNING' WHERE id = 43").await?;
+    let daemon = Daemon::start(&db, &sim.base_url(), &[]).await?;
+    wait_status(&db, 43, "COMPLETED", Duration::from_secs(60)).await?;
     let (ok, out, err) = cli(&db, &["campaign", "status", "43", "--json"]).await?;
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out)?;
     assert_eq!(v["id"], 43);
-    assert_eq!(v["status"], "READY");
+    assert_eq!(v["status"], "COMPLETED");
     assert_eq!(v["rows"], 100);
-    assert_eq!(v["counts"]["SUCCEEDED"], 90);
-    assert_eq!(v["counts"]["PENDING"], 6);
-    assert_eq!(v["counts"]["FAILED"], 2);
-    assert_eq!(v["counts"]["DEAD"], 2);
-    assert_eq!(v["failure_rate_pct"], 4.0);
-    assert_eq!(v["rows_left"], 8);
+    assert_eq!(v["counts"]["SUCCEEDED"], 94);
+    assert_eq!(v["counts"]["DEAD"], 6);
+    assert_eq!(v["counts"]["PENDING"], 0);
+    assert_eq!(v["failure_rate_pct"], 6.0);
+    assert_eq!(v["rows_left"], 0);
+    // The counters agree with the rows themselves.
+    assert_eq!(
+        db.counts("point_targets", 43).await?,
+        std::collections::BTreeMap::from([("DEAD".to_owned(), 6), ("SUCCEEDED".to_owned(), 94)])
+    );
+    let view: Vec<(i64, i64, i64, i64)> = db
+        .query("SELECT CAST(total_rows AS SIGNED), CAST(succeeded AS SIGNED), CAST(dead AS SIGNED), CAST(pending AS SIGNED) FROM campaign_progress WHERE campaign_id = 43")
+        .await?;
+    assert_eq!(view, vec![(100, 94, 6, 0)]);
+
+    let (ok, out, _) = cli(&db, &["campaign", "status", "43"]).await?;
+    assert!(ok);
+    assert!(out.contains("failure rate 6.00 %") && out.contains("SUCCEEDED 94"), "{out}");
+    let (ok, out, _) = cli(&db, &["campaign", "status", "43", "--watch"]).await?;
+    assert!(ok);
+    assert!(out.contains("100.0%") && out.contains("COMPLETED"), "{out}");
     let (ok, out, _) = cli(&db, &["campaign", "list"]).await?;
     assert!(ok);
-    assert!(out.contains("winter points") && out.contains("READY"), "{out}");
+    assert!(out.contains("winter points") && out.contains("COMPLETED"), "{out}");
     let (ok, _, err) = cli(&db, &["campaign", "status", "44"]).await?;
     assert!(!ok);
     assert_eq!(err.trim(), "payoutd: error: campaign 44 does not exist");
+    daemon.terminate(Duration::from_secs(15)).await?;
+    sim.shutdown().await;
     db.drop_db().await
 }
 

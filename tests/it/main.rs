@@ -1,7 +1,13 @@
 //! payoutd's integration tests: a real MariaDB (a fresh database per test), the simulated Money
 //! server over real HTTP, and the real `payoutd` binary.
 
+mod alerts;
+mod bench_smoke;
 mod breaker;
 mod cli_config;
+mod dbproxy;
+mod dead_letters;
+mod failures;
 mod foundation;
 mod support;
+mod systemd;

@@ -326,3 +326,30 @@ pub async fn cli(db: &TestDb, args: &[&str]) -> anyhow::Result<(bool, String, St
 pub fn sim_config() -> SimConfig {
     SimConfig { api_key: SIM_KEY.to_owned(), ..SimConfig::default() }
 }
+
+// Failure-handling tests (issue 3): killing the daemon, reading its logs.
+
+impl Daemon {
+    /// The process id while the child runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// `kill -9`: no drain, no clean-up. Waits until the process is gone. Fails if the daemon
+    /// had already exited by itself (with its log), since then there was nothing to kill.
+    pub async fn kill(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.assert_alive()?;
+        self.child.start_kill().context("cannot SIGKILL payoutd")?;
+        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .context("payoutd survived SIGKILL for 10 s")??;
+        Ok(status)
+    }
+
+    /// The last `lines` lines of the log, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = self.log_text();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}

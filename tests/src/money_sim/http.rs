@@ -31,6 +31,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/points/grants", post(points))
         .route("/_sim/ledger", get(ledger))
         .route("/_sim/grants", get(grants))
+        .route("/_sim/requests", get(requests))
         .route("/_sim/faults", get(faults).post(set_faults))
         .route("/_sim/reset", post(reset))
         .route("/_sim/health", get(health))
@@ -126,15 +127,20 @@ async fn grant(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
+    let ticket = sim.log_arrival(key, endpoint);
     match process(sim, endpoint, conn, headers, body).await {
         Reply::Granted { transaction_id, replayed } => {
+            sim.log_answer(ticket, Some(200), replayed);
             Json(GrantOk { transaction_id: &transaction_id, replayed }).into_response()
         }
         Reply::Failed(error) => {
+            sim.log_answer(ticket, Some(error.status.as_u16()), false);
             sim.record_status(error.status.as_u16());
             error.into_response()
         }
         Reply::Dropped => {
+            sim.log_answer(ticket, None, false);
             // Never reaches the client: the socket is already shut down.
             ApiError::unavailable("connection dropped by the simulator").into_response()
         }
@@ -320,6 +326,10 @@ async fn ledger(sim: Sim) -> Response {
 
 async fn grants(sim: Sim) -> Response {
     Json(sim.grant_records()).into_response()
+}
+
+async fn requests(sim: Sim) -> Response {
+    Json(sim.request_records()).into_response()
 }
 
 async fn faults(sim: Sim) -> Response {

@@ -7,6 +7,7 @@
 //!
 //! # Grant request pipeline
 //! Checks run in this order; the first that fails answers and nothing is stored:
+//! 0. log the request ([`RequestRecord`]: key and arrival time now, the answer when it is ready);
 //! 1. record the arrival (feeds `max_requests_in_any_second`; every grant request counts);
 //! 2. rate limit: `429 rate_limited` with `Retry-After: 1` when more than `rate_limit_per_sec`
 //!    requests were already *admitted* in the last second (rejected requests do not use up the
@@ -131,6 +132,26 @@ pub struct GrantRecord {
     pub body: serde_json::Value,
     /// Milliseconds since the simulator started.
     pub at_ms: u64,
+}
+
+/// One grant request as it arrived (`GET /_sim/requests`), whatever its answer: the request log
+/// tests use to see *when* each key was asked for (retry spacing, stop latency) and that a key
+/// was never asked for at all (rows that must not reach Money).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    /// The `Idempotency-Key` header as sent; empty when it was missing or not text.
+    pub idempotency_key: String,
+    /// `"vouchers"` or `"points"`.
+    pub endpoint: String,
+    /// Arrival, in milliseconds since the simulator started (the clock of [`MoneySim::now_ms`]).
+    pub at_ms: u64,
+    /// When the answer was ready; `None` while the request is still being handled, when its
+    /// connection was dropped without an answer, or when the client went away first.
+    pub answered_ms: Option<u64>,
+    /// The answer's HTTP status; `None` in the same cases as `answered_ms`.
+    pub status: Option<u16>,
+    /// A `200` that replayed an earlier grant.
+    pub replayed: bool,
 }
 
 /// What the simulator has seen since start or the last reset (`GET /_sim/ledger`).
@@ -300,6 +321,17 @@ impl MoneySim {
     /// Every effective grant, in grant order (`GET /_sim/grants`).
     pub fn grants(&self) -> Vec<GrantRecord> {
         self.shared.grant_records()
+    }
+
+    /// Every grant request since start or the last reset, in arrival order
+    /// (`GET /_sim/requests`).
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.shared.request_records()
+    }
+
+    /// Milliseconds since the simulator started: the clock of every `at_ms`.
+    pub fn now_ms(&self) -> u64 {
+        self.shared.elapsed_ms()
     }
 
     /// Like `POST /_sim/faults`, except that shares outside [0, 1] are clamped instead of

@@ -14,7 +14,8 @@ use tokio::sync::watch;
 use super::body::{Endpoint, GrantBody};
 use super::window::{Admission, Windows};
 use super::{
-    ActiveOutageState, FaultState, FaultUpdate, GrantRecord, LedgerSummary, OutageMode, SimConfig,
+    ActiveOutageState, FaultState, FaultUpdate, GrantRecord, LedgerSummary, OutageMode,
+    RequestRecord, SimConfig,
 };
 
 /// Outage windows longer than this are cut to it (keeps `Instant` arithmetic in range).
@@ -191,6 +192,32 @@ impl Store {
     }
 }
 
+/// One logged grant request (see [`RequestRecord`]).
+#[derive(Debug)]
+struct Arrival {
+    key: Box<str>,
+    endpoint: Endpoint,
+    at_ms: u64,
+    answered_ms: Option<u64>,
+    status: Option<u16>,
+    replayed: bool,
+}
+
+/// The request log: one entry per grant request, in arrival order.
+#[derive(Debug, Default)]
+struct RequestLog {
+    /// Bumped by every reset, so an answer to a request logged before it is not filed after it.
+    generation: u64,
+    arrivals: Vec<Arrival>,
+}
+
+/// Where a request's log entry is, to file its answer there.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LogTicket {
+    generation: u64,
+    index: usize,
+}
+
 /// Counts answers per status without a lock.
 #[derive(Debug)]
 struct StatusCounters(Box<[AtomicU64]>);
@@ -229,6 +256,7 @@ pub(crate) struct Shared {
     faults: Mutex<Faults>,
     store: Mutex<Store>,
     statuses: StatusCounters,
+    requests: Mutex<RequestLog>,
     hangs_total: AtomicU64,
     dropped_total: AtomicU64,
     shutdown: watch::Sender<bool>,
@@ -248,10 +276,57 @@ impl Shared {
             faults: Mutex::new(baseline_faults),
             store: Mutex::new(Store::default()),
             statuses: StatusCounters::new(),
+            requests: Mutex::new(RequestLog::default()),
             hangs_total: AtomicU64::new(0),
             dropped_total: AtomicU64::new(0),
             shutdown: watch::Sender::new(false),
         }
+    }
+
+    /// Logs a grant request as it arrives; the answer is filed with [`Shared::log_answer`].
+    pub(crate) fn log_arrival(&self, key: Option<&str>, endpoint: Endpoint) -> LogTicket {
+        let key: Box<str> = Box::from(key.unwrap_or_default());
+        let mut log = lock(&self.requests);
+        // Read the clock under the lock so arrival times never decrease along the log.
+        let at_ms = self.elapsed_ms();
+        log.arrivals.push(Arrival {
+            key,
+            endpoint,
+            at_ms,
+            answered_ms: None,
+            status: None,
+            replayed: false,
+        });
+        LogTicket { generation: log.generation, index: log.arrivals.len() - 1 }
+    }
+
+    /// Files the answer of a logged request; `status` `None` means no answer was sent.
+    pub(crate) fn log_answer(&self, ticket: LogTicket, status: Option<u16>, replayed: bool) {
+        let answered_ms = self.elapsed_ms();
+        let mut log = lock(&self.requests);
+        if log.generation != ticket.generation {
+            return;
+        }
+        if let Some(entry) = log.arrivals.get_mut(ticket.index) {
+            entry.answered_ms = status.map(|_| answered_ms);
+            entry.status = status;
+            entry.replayed = replayed;
+        }
+    }
+
+    pub(crate) fn request_records(&self) -> Vec<RequestRecord> {
+        let log = lock(&self.requests);
+        log.arrivals
+            .iter()
+            .map(|a| RequestRecord {
+                idempotency_key: a.key.to_string(),
+                endpoint: a.endpoint.as_str().to_owned(),
+                at_ms: a.at_ms,
+                answered_ms: a.answered_ms,
+                status: a.status,
+                replayed: a.replayed,
+            })
+            .collect()
     }
 
     pub(crate) fn arrive(&self) -> Admission {
@@ -392,6 +467,11 @@ impl Shared {
             *store = fresh;
         }
         self.statuses.clear();
+        {
+            let mut log = lock(&self.requests);
+            log.generation += 1;
+            log.arrivals = Vec::new();
+        }
         self.hangs_total.store(0, Ordering::Relaxed);
         self.dropped_total.store(0, Ordering::Relaxed);
     }

@@ -773,3 +773,55 @@ async fn shutdown_ends_hanging_requests_promptly() -> Result<()> {
         .context("the hanging request did not end")?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_log_records_every_arrival_with_its_answer() -> Result<()> {
+    let sim = start(config()).await?;
+    let client = Client::new(&sim)?;
+    let before = sim.now_ms();
+    assert_eq!(client.grant(POINTS, "k-1", &point(1, "u-1", 5)).await?.status, 200);
+    assert_eq!(client.grant(POINTS, "k-1", &point(1, "u-1", 5)).await?.status, 200);
+    sim.set_faults(FaultUpdate { fail_5xx_share: Some(1.0), ..FaultUpdate::default() });
+    assert_eq!(client.grant(VOUCHERS, "k-2", &voucher(1, "u-2", "V-2")).await?.status, 503);
+    sim.set_faults(FaultUpdate {
+        fail_5xx_share: Some(0.0),
+        outage: Some(Outage { mode: OutageMode::Reset, duration_ms: 60_000 }),
+        ..FaultUpdate::default()
+    });
+    ensure!(client.grant(POINTS, "k-3", &point(1, "u-3", 5)).await.is_err(), "reset answered");
+    // A request without a key is logged too (and answered 400).
+    let no_key =
+        client.send(POINTS, &[("x-api-key", API_KEY)], point(1, "u-4", 5).to_string()).await?;
+    assert_eq!(no_key.status, 400);
+
+    let log = sim.requests();
+    let seen: Vec<(&str, &str, Option<u16>, bool)> = log
+        .iter()
+        .map(|r| (r.idempotency_key.as_str(), r.endpoint.as_str(), r.status, r.replayed))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("k-1", "points", Some(200), false),
+            ("k-1", "points", Some(200), true),
+            ("k-2", "vouchers", Some(503), false),
+            ("k-3", "points", None, false),
+            ("", "points", Some(400), false),
+        ]
+    );
+    ensure!(log.windows(2).all(|w| w[0].at_ms <= w[1].at_ms), "arrivals out of order: {log:?}");
+    ensure!(log.iter().all(|r| r.at_ms >= before && r.at_ms <= sim.now_ms()), "{log:?}");
+    ensure!(
+        log.iter().all(|r| r.answered_ms.is_none_or(|a| a >= r.at_ms)
+            && r.answered_ms.is_some() == r.status.is_some()),
+        "{log:?}"
+    );
+    let served: Vec<RequestRecord> =
+        serde_json::from_value(client.admin_get("/_sim/requests").await?.body)?;
+    assert_eq!(served, log);
+
+    sim.reset();
+    assert!(sim.requests().is_empty());
+    sim.shutdown().await;
+    Ok(())
+}

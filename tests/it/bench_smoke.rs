@@ -1,0 +1,70 @@
+//! Issue 4/5: the benchmark command cannot rot. A small run of `payout-bench`'s library entry
+//! point (3,000 rows at 1,000/s against the debug `payoutd`) must finish and write a sane JSON.
+
+use std::time::Duration;
+
+use payout_tests::bench::{self, BenchConfig, Kind};
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_small_benchmark_run_writes_sane_figures() -> anyhow::Result<()> {
+    let _timing = exclusive().await;
+    let dir = std::env::temp_dir().join(format!("payout-bench-smoke-{}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir)?;
+    let out = dir.join("smoke.json");
+    let cfg = BenchConfig {
+        rows: 3000,
+        kind: Kind::Point,
+        limit: 1000,
+        latency_ms: 20,
+        jitter_ms: 10,
+        db_url: Some(server_url()),
+        payoutd: Some(payoutd_path()?),
+        out: Some(out.clone()),
+        timeout_secs: Some(60),
+        quiet: true,
+        ..BenchConfig::default()
+    };
+    let report = tokio::time::timeout(Duration::from_secs(90), bench::run(&cfg)).await??;
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+    let summary = bench::summary(&report);
+    let num = |key: &str| json[key].as_f64().unwrap_or(f64::NAN);
+
+    assert_eq!(json["rows"], 3000, "{summary}");
+    assert_eq!(json["final_counts"]["SUCCEEDED"], 3000, "{summary}");
+    assert_eq!(json["grants_total"], 3000, "{summary}");
+    assert_eq!(json["duplicate_grants"], 0, "{summary}");
+    assert!(num("max_requests_in_any_second") <= 1000.0, "{summary}");
+    assert!(num("max_requests_in_any_second") > 0.0, "{summary}");
+    assert!(num("seconds") > 0.0, "{summary}");
+    // 3,000 rows at 1,000/s cannot take less than ~3 s.
+    assert!(num("seconds") >= 2.9, "{summary}");
+    assert!(num("rows_per_sec") > 0.0 && num("rows_per_sec") <= 1000.0, "{summary}");
+    assert!(num("achieved_rate_over_limit") > 0.0, "{summary}");
+    assert!(num("load_secs") > 0.0, "{summary}");
+    assert!(num("first_grant_after_running_ms") >= 0.0, "{summary}");
+    assert!(num("completed_after_last_grant_ms") >= 0.0, "{summary}");
+    assert!(num("daemon_peak_rss_mib") > 0.0, "{summary}");
+    assert!(num("daemon_cpu_secs") >= 0.0, "{summary}");
+    assert!(num("money_p50_ms") > 0.0, "{summary}");
+    assert!(num("money_p99_ms") >= num("money_p50_ms"), "{summary}");
+    assert_eq!(json["partitions"], 4, "{summary}");
+    let per_partition = json["rows_per_sec_per_partition"].as_object().cloned().unwrap_or_default();
+    assert_eq!(per_partition.len(), 4, "{summary}");
+    assert!(json["machine"]["nproc"].as_u64().unwrap_or(0) >= 1, "{summary}");
+    assert!(json["config"]["rows"] == 3000, "{summary}");
+    // The database is gone afterwards.
+    let admin = mysql_async::Pool::new(server_url().as_str());
+    let mut c = admin.get_conn().await?;
+    let left: Vec<String> = mysql_async::prelude::Queryable::query(
+        &mut c,
+        format!("SHOW DATABASES LIKE '{}'", report.database),
+    )
+    .await?;
+    assert!(left.is_empty(), "database {} was not dropped", report.database);
+    drop(c);
+    admin.disconnect().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! The database-only ceiling: the engine's database work for every row (claim, load and
+//! validate, write the outcome back, complete the campaign) with the HTTP call replaced by an
+//! immediate grant. It uses the engine's own repository functions, so it measures the same SQL.
+//!
+//! Per partition, one task claims batches (`repo::claim`, then `kind.prepare`, which loads the
+//! rows by primary key and builds their requests) and hands each batch's outcomes to a writer
+//! task (`repo::write_outcomes` into the partition's counter shard), so claiming the next batch
+//! overlaps writing the previous one, as in the engine. Then `repo::complete_if_done`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use chrono::Utc;
+use payout_core::db::{self, DbPool, DbSettings};
+use payout_core::kind::ErasedKind;
+use payout_core::plan::{PartitionRule, PartitionSlice};
+use payout_core::repo::{self, Outcome, RowOutcome};
+use payout_core::{CampaignId, KindRegistry, TargetId, ValidationContext};
+use secrecy::SecretString;
+use serde::Serialize;
+
+use super::Kind;
+
+/// What the database-only pass measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct DbOnlyReport {
+    pub campaign_id: i64,
+    pub rows: u64,
+    pub partitions: u16,
+    pub batch_size: u32,
+    /// From the start of the pass (plan included) to the campaign being COMPLETED.
+    pub seconds: f64,
+    pub rows_per_sec: f64,
+    /// Wall time summed over the partitions' claim transactions (`repo::claim`).
+    pub claim_secs_total: f64,
+    /// Wall time summed over loading and validating claimed rows (`kind.prepare`).
+    pub prepare_secs_total: f64,
+    /// Wall time summed over the outcome transactions (`repo::write_outcomes`).
+    pub write_secs_total: f64,
+    /// The final `repo::complete_if_done`.
+    pub complete_ms: f64,
+    pub claim_batches: u64,
+    /// Transactions retried after a deadlock or lock wait timeout.
+    pub retries: u64,
+    /// CPU seconds of the bench process during the pass (it plays the daemon's part).
+    pub bench_cpu_secs: Option<f64>,
+    /// CPU seconds of the MariaDB server during the pass.
+    pub mariadb_cpu_secs: Option<f64>,
+}
+
+#[derive(Default)]
+struct Timers {
+    claim_ns: AtomicU64,
+    prepare_ns: AtomicU64,
+    write_ns: AtomicU64,
+    batches: AtomicU64,
+    retries: AtomicU64,
+}
+
+fn add(counter: &AtomicU64, since: Instant) {
+    counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+}
+
+fn kinds() -> KindRegistry {
+    let mut kinds = KindRegistry::new();
+    kinds.register::<payout_voucher::Voucher>();
+    kinds.register::<payout_point::Point>();
+    kinds
+}
+
+/// Runs the pass over campaign `campaign` (loaded, READY, with a stored `partitions` plan).
+pub async fn run(
+    db_url: &str,
+    kind: Kind,
+    campaign: i64,
+    rows: u64,
+    partitions: u16,
+    batch_size: u32,
+) -> anyhow::Result<DbOnlyReport> {
+    let kind_impl = kinds().get(kind.campaign_kind()).context("kind not registered")?;
+    let pool = db::pool(&DbSettings {
+        url: SecretString::from(db_url.to_owned()),
+        pool_size: 2 * usize::from(partitions) + 2,
+        connect_timeout: Duration::from_secs(10),
+    })?;
+    db::check(&pool).await?;
+    let id = CampaignId(campaign);
+    {
+        let mut c = db::conn(&pool).await?;
+        diesel_async::RunQueryDsl::execute(
+            diesel::sql_query("UPDATE campaigns SET status = 'RUNNING' WHERE id = ?")
+                .bind::<diesel::sql_types::BigInt, _>(campaign),
+            &mut c,
+        )
+        .await?;
+    }
+    let mariadb = super::procfs::mariadb_pid();
+    let db_cpu0 = mariadb.and_then(super::procfs::cpu_secs);
+    let self_cpu0 = super::procfs::self_cpu_secs();
+    let started = Instant::now();
+    let plan = {
+        let mut c = db::conn(&pool).await?;
+        // The stored plan (set by the bench) wins over the rule.
+        repo::ensure_plan(&mut c, kind_impl.table(), id, PartitionRule::default(), "bench").await?
+    };
+    let timers = Arc::new(Timers::default());
+    let mut tasks = Vec::new();
+    for slice in plan.clone() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<RowOutcome>>(4);
+        tasks.push(tokio::spawn(claimer(
+            pool.clone(),
+            kind_impl.clone(),
+            id,
+            slice,
+            batch_size,
+            timers.clone(),
+            tx,
+        )));
+        tasks.push(tokio::spawn(writer(
+            pool.clone(),
+            kind_impl.clone(),
+            id,
+            slice.partition_no as i16,
+            timers.clone(),
+            rx,
+        )));
+    }
+    for t in tasks {
+        t.await.context("a database-only task panicked")??;
+    }
+    let complete_started = Instant::now();
+    let completed = {
+        let mut c = db::conn(&pool).await?;
+        repo::complete_if_done(&mut c, kind_impl.table(), id, "bench").await?
+    };
+    let complete_ms = complete_started.elapsed().as_secs_f64() * 1000.0;
+    let seconds = started.elapsed().as_secs_f64();
+    let db_cpu = mariadb.and_then(super::procfs::cpu_secs).zip(db_cpu0).map(|(b, a)| b - a);
+    let self_cpu = super::procfs::self_cpu_secs().zip(self_cpu0).map(|(b, a)| b - a);
+    if !completed {
+        bail!("the database-only pass left rows of campaign {campaign} unfinished");
+    }
+    pool.close();
+    let ns = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64 / 1e9;
+    Ok(DbOnlyReport {
+        campaign_id: campaign,
+        rows,
+        partitions: plan.len() as u16,
+        batch_size,
+        seconds,
+        rows_per_sec: rows as f64 / seconds.max(1e-9),
+        claim_secs_total: ns(&timers.claim_ns),
+        prepare_secs_total: ns(&timers.prepare_ns),
+        write_secs_total: ns(&timers.write_ns),
+        complete_ms,
+        claim_batches: timers.batches.load(Ordering::Relaxed),
+        retries: timers.retries.load(Ordering::Relaxed),
+        bench_cpu_secs: self_cpu,
+        mariadb_cpu_secs: db_cpu,
+    })
+}
+
+/// Whether a failed step should be tried again (at most 4 retries, as the engine does for
+/// deadlocks and lock wait timeouts); sleeps before the next try.
+async fn retry_after(timers: &Timers, tries: &mut u64, error: &diesel::result::Error) -> bool {
+    if *tries >= 4 {
+        return false;
+    }
+    *tries += 1;
+    timers.retries.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(%error, "database-only step failed; retrying");
+    tokio::time::sleep(Duration::from_millis(10 * *tries)).await;
+    true
+}
+
+async fn claimer(
+    pool: DbPool,
+    kind: Arc<dyn ErasedKind>,
+    id: CampaignId,
+    slice: PartitionSlice,
+    batch_size: u32,
+    timers: Arc<Timers>,
+    out: tokio::sync::mpsc::Sender<Vec<RowOutcome>>,
+) -> anyhow::Result<()> {
+    let owner = format!("bench-db-only/{}", slice.partition_no);
+    let ctx = ValidationContext {
+        now: Utc::now(),
+        max_point_amount: 1_000_000,
+        expiry_offset: chrono::FixedOffset::east_opt(9 * 3600).context("offset")?,
+    };
+    let mut c = db::conn(&pool).await?;
+    loop {
+        let t = Instant::now();
+        let mut tries = 0;
+        let claimed = loop {
+            match repo::claim(&mut c, kind.table(), id, &slice, batch_size, &owner).await {
+                Ok(v) => break v,
+                Err(e) if retry_after(&timers, &mut tries, &e).await => {}
+                Err(e) => return Err(e.into()),
+            }
+        };
+        add(&timers.claim_ns, t);
+        if claimed.is_empty() {
+            return Ok(());
+        }
+        timers.batches.fetch_add(1, Ordering::Relaxed);
+        let ids: Vec<TargetId> = claimed.iter().map(|c| c.target).collect();
+        let t = Instant::now();
+        let prepared = kind.prepare(&mut c, id, &ids, &ctx).await?;
+        add(&timers.prepare_ns, t);
+        let attempts: std::collections::HashMap<TargetId, i32> =
+            claimed.iter().map(|c| (c.target, c.attempts)).collect();
+        let outcomes: Vec<RowOutcome> = prepared
+            .into_iter()
+            .map(|p| RowOutcome {
+                target: p.target,
+                attempts: attempts.get(&p.target).copied().unwrap_or(1),
+                outcome: match p.request {
+                    Ok(_) => Outcome::Granted { transaction_id: format!("bench-{}", p.target.0) },
+                    Err(invalid) => Outcome::Dead { code: invalid.code, message: invalid.message },
+                },
+            })
+            .collect();
+        if out.send(outcomes).await.is_err() {
+            bail!("the writer of partition {} stopped", slice.partition_no);
+        }
+    }
+}
+
+async fn writer(
+    pool: DbPool,
+    kind: Arc<dyn ErasedKind>,
+    id: CampaignId,
+    shard: i16,
+    timers: Arc<Timers>,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<RowOutcome>>,
+) -> anyhow::Result<()> {
+    let mut c = db::conn(&pool).await?;
+    while let Some(batch) = rx.recv().await {
+        let t = Instant::now();
+        let mut tries = 0;
+        loop {
+            match repo::write_outcomes(&mut c, kind.table(), kind.kind(), id, shard, &batch).await {
+                Ok(()) => break,
+                Err(e) if retry_after(&timers, &mut tries, &e).await => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        add(&timers.write_ns, t);
+    }
+    Ok(())
+}
