@@ -20,17 +20,21 @@ pub struct PartitionRule {
     pub medium_from: u64,
     /// Campaigns with at least this many rows get 8 partitions.
     pub large_from: u64,
+    /// A fixed count overriding the rule (for measurements), 1..=8.
+    pub fixed: Option<u16>,
 }
 
 impl Default for PartitionRule {
     fn default() -> Self {
-        PartitionRule { medium_from: 1_000_001, large_from: 2_000_000 }
+        PartitionRule { medium_from: 1_000_001, large_from: 2_000_000, fixed: None }
     }
 }
 
 impl PartitionRule {
     pub fn partitions_for(&self, rows: u64) -> u16 {
-        if rows >= self.large_from {
+        if let Some(n) = self.fixed {
+            n.clamp(1, MAX_PARTITIONS)
+        } else if rows >= self.large_from {
             8
         } else if rows >= self.medium_from {
             6
@@ -88,11 +92,19 @@ mod tests {
 
     #[test]
     fn configured_thresholds_move_the_boundaries() {
-        let rule = PartitionRule { medium_from: 10, large_from: 20 };
+        let rule = PartitionRule { medium_from: 10, large_from: 20, fixed: None };
         assert_eq!(rule.partitions_for(9), 4);
         assert_eq!(rule.partitions_for(10), 6);
         assert_eq!(rule.partitions_for(19), 6);
         assert_eq!(rule.partitions_for(20), 8);
+    }
+
+    #[test]
+    fn a_fixed_count_overrides_the_rule() {
+        let rule = PartitionRule { fixed: Some(2), ..PartitionRule::default() };
+        assert_eq!(rule.partitions_for(5_000_000), 2);
+        assert_eq!(PartitionRule { fixed: Some(0), ..rule }.partitions_for(1), 1);
+        assert_eq!(PartitionRule { fixed: Some(12), ..rule }.partitions_for(1), 8);
     }
 
     #[test]

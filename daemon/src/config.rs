@@ -38,6 +38,7 @@
 //! | `executor.batch_size` | `PAYOUTD_EXECUTOR__BATCH_SIZE` | `1000` (1 to 5000): rows claimed per partition step |
 //! | `executor.partitions_medium_from` | `PAYOUTD_EXECUTOR__PARTITIONS_MEDIUM_FROM` | `1000001`: campaigns with at least this many rows get 6 partitions (fewer rows: 4) |
 //! | `executor.partitions_large_from` | `PAYOUTD_EXECUTOR__PARTITIONS_LARGE_FROM` | `2000000`: campaigns with at least this many rows get 8 partitions; above `partitions_medium_from` |
+//! | `executor.partitions` | `PAYOUTD_EXECUTOR__PARTITIONS` | `0` (0 to 8): 0 follows the 4/6/8 rule; 1 to 8 gives every newly planned campaign that many partitions (benchmarks) |
 //! | `executor.idle_poll` | `PAYOUTD_EXECUTOR__IDLE_POLL` | `200ms` (above 0): wait between polls when there is no work |
 //! | `executor.gate_poll` | `PAYOUTD_EXECUTOR__GATE_POLL` | `200ms` (above 0, at most 1s): how often campaign status is re-read |
 //! | `executor.flush_interval` | `PAYOUTD_EXECUTOR__FLUSH_INTERVAL` | `50ms` (above 0): how often results are written back |
@@ -140,6 +141,7 @@ pub(crate) struct ExecutorSettings {
     pub(crate) batch_size: u32,
     pub(crate) partitions_medium_from: u64,
     pub(crate) partitions_large_from: u64,
+    pub(crate) partitions: u16,
     pub(crate) idle_poll: Duration,
     pub(crate) gate_poll: Duration,
     pub(crate) flush_interval: Duration,
@@ -250,6 +252,7 @@ impl Default for ExecutorSettings {
             batch_size: 1000,
             partitions_medium_from: 1_000_001,
             partitions_large_from: 2_000_000,
+            partitions: 0,
             idle_poll: Duration::from_millis(200),
             gate_poll: Duration::from_millis(200),
             flush_interval: Duration::from_millis(50),
@@ -449,6 +452,7 @@ impl Settings {
         out.plain("batch_size", e.batch_size);
         out.plain("partitions_medium_from", e.partitions_medium_from);
         out.plain("partitions_large_from", e.partitions_large_from);
+        out.plain("partitions", e.partitions);
         out.duration("idle_poll", e.idle_poll);
         out.duration("gate_poll", e.gate_poll);
         out.duration("flush_interval", e.flush_interval);
@@ -1004,6 +1008,7 @@ struct RawExecutor {
     batch_size: Option<u32>,
     partitions_medium_from: Option<u64>,
     partitions_large_from: Option<u64>,
+    partitions: Option<u16>,
     #[serde(deserialize_with = "duration")]
     idle_poll: Option<Duration>,
     #[serde(deserialize_with = "duration")]
@@ -1299,6 +1304,13 @@ impl Check<'_> {
             )?,
             partitions_medium_from: medium,
             partitions_large_from: large,
+            partitions: self.value(
+                "executor.partitions",
+                raw.partitions,
+                d.partitions,
+                |n| n <= 8,
+                "must be from 0 (the 4/6/8 rule) to 8",
+            )?,
             idle_poll: self.positive("executor.idle_poll", raw.idle_poll, d.idle_poll)?,
             // The contract: an operator's status change is noticed within 1 s.
             gate_poll: self.value(
@@ -1599,6 +1611,7 @@ mod tests {
                 batch_size: 1000,
                 partitions_medium_from: 1_000_001,
                 partitions_large_from: 2_000_000,
+                partitions: 0,
                 idle_poll: Duration::from_millis(200),
                 gate_poll: Duration::from_millis(200),
                 flush_interval: Duration::from_millis(50),

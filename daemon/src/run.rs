@@ -55,6 +55,7 @@ pub(crate) fn engine_settings(settings: &Settings, instance_id: String) -> Engin
         partition_rule: PartitionRule {
             medium_from: e.partitions_medium_from,
             large_from: e.partitions_large_from,
+            fixed: (e.partitions > 0).then_some(e.partitions),
         },
         retry: RetryPolicy {
             base_delay: settings.retry.base_delay,

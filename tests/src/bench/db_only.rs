@@ -48,6 +48,10 @@ pub struct DbOnlyReport {
     pub bench_cpu_secs: Option<f64>,
     /// CPU seconds of the MariaDB server during the pass.
     pub mariadb_cpu_secs: Option<f64>,
+    /// Share of all cores busy during the pass, whoever used them.
+    pub machine_cpu_busy_pct: Option<f64>,
+    /// CPU seconds used during the pass by processes other than MariaDB and the bench.
+    pub other_cpu_secs: Option<f64>,
 }
 
 #[derive(Default)]
@@ -99,6 +103,7 @@ pub async fn run(
     let mariadb = super::procfs::mariadb_pid();
     let db_cpu0 = mariadb.and_then(super::procfs::cpu_secs);
     let self_cpu0 = super::procfs::self_cpu_secs();
+    let system0 = super::procfs::SystemCpu::now();
     let started = Instant::now();
     let plan = {
         let mut c = db::conn(&pool).await?;
@@ -139,6 +144,12 @@ pub async fn run(
     let seconds = started.elapsed().as_secs_f64();
     let db_cpu = mariadb.and_then(super::procfs::cpu_secs).zip(db_cpu0).map(|(b, a)| b - a);
     let self_cpu = super::procfs::self_cpu_secs().zip(self_cpu0).map(|(b, a)| b - a);
+    let system = super::procfs::SystemCpu::now().zip(system0);
+    let busy_pct = system.map(|(b, a)| (b.busy_pct_since(&a) * 10.0).round() / 10.0);
+    let other = system.map(|(b, a)| {
+        let ours = db_cpu.unwrap_or(0.0) + self_cpu.unwrap_or(0.0);
+        ((b.busy_secs_since(&a) - ours).max(0.0) * 1000.0).round() / 1000.0
+    });
     if !completed {
         bail!("the database-only pass left rows of campaign {campaign} unfinished");
     }
@@ -159,6 +170,8 @@ pub async fn run(
         retries: timers.retries.load(Ordering::Relaxed),
         bench_cpu_secs: self_cpu,
         mariadb_cpu_secs: db_cpu,
+        machine_cpu_busy_pct: busy_pct,
+        other_cpu_secs: other,
     })
 }
 

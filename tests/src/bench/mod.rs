@@ -222,7 +222,7 @@ impl Partitioning {
         match *self {
             Partitioning::Rule => PartitionRule::default().partitions_for(rows),
             Partitioning::RuleThresholds { medium_from, large_from } => {
-                PartitionRule { medium_from, large_from }.partitions_for(rows)
+                PartitionRule { medium_from, large_from, fixed: None }.partitions_for(rows)
             }
             Partitioning::StoredPlan(n) => n,
         }
@@ -833,21 +833,29 @@ pub fn summary(r: &BenchReport) -> String {
         r.machine.loadavg_start.map(|l| format!("{:.2}", l[0])).unwrap_or_default(),
         r.machine.loadavg_end.map(|l| format!("{:.2}", l[0])).unwrap_or_default(),
     );
-    let _ = writeln!(
-        s,
-        "  {} {} rows; limit {}; money-sim limit {}, {} ± {} ms{}; partitions: {}",
-        r.rows,
-        r.kind,
-        if cfg.limit == 0 { "none".to_owned() } else { format!("{}/s", cfg.limit) },
-        match cfg.sim_limit() {
-            0 => "none".to_owned(),
-            n => format!("{n}/s"),
-        },
-        cfg.latency_ms,
-        cfg.jitter_ms,
-        if cfg.sim_process { " (child process)" } else { " (in process)" },
-        r.partitioning,
-    );
+    if cfg.db_only {
+        let _ = writeln!(
+            s,
+            "  {} {} rows; database only (no daemon, no HTTP); partitions: {}",
+            r.rows, r.kind, r.partitioning,
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "  {} {} rows; limit {}; money-sim limit {}, {} ± {} ms{}; partitions: {}",
+            r.rows,
+            r.kind,
+            if cfg.limit == 0 { "none".to_owned() } else { format!("{}/s", cfg.limit) },
+            match cfg.sim_limit() {
+                0 => "none".to_owned(),
+                n => format!("{n}/s"),
+            },
+            cfg.latency_ms,
+            cfg.jitter_ms,
+            if cfg.sim_process { " (child process)" } else { " (in process)" },
+            r.partitioning,
+        );
+    }
     let _ = writeln!(
         s,
         "  load                  {:>10.2} s   {:>10.0} rows/s",
@@ -856,16 +864,26 @@ pub fn summary(r: &BenchReport) -> String {
     if let Some(d) = &r.db_only {
         let _ = writeln!(
             s,
-            "  database-only         {:>10.2} s   {:>10.0} rows/s  ({} partitions, batch {}; claim {:.1} s, load+validate {:.1} s, write {:.1} s summed; MariaDB CPU {} s, bench CPU {} s)",
-            d.seconds,
-            d.rows_per_sec,
-            d.partitions,
-            d.batch_size,
-            d.claim_secs_total,
-            d.prepare_secs_total,
-            d.write_secs_total,
+            "  database-only         {:>10.2} s   {:>10.0} rows/s  ({} partitions, batch {})",
+            d.seconds, d.rows_per_sec, d.partitions, d.batch_size,
+        );
+        let batches = d.claim_batches.max(1) as f64;
+        let _ = writeln!(
+            s,
+            "    per batch           claim {:.0} ms, load+validate {:.0} ms, write back {:.0} ms ({} batches, {} retries)",
+            d.claim_secs_total * 1000.0 / batches,
+            d.prepare_secs_total * 1000.0 / batches,
+            d.write_secs_total * 1000.0 / batches,
+            d.claim_batches,
+            d.retries,
+        );
+        let _ = writeln!(
+            s,
+            "    CPU                 MariaDB {} s, bench {} s, others {} s; machine {} % busy",
             opt2(d.mariadb_cpu_secs),
             opt2(d.bench_cpu_secs),
+            opt2(d.other_cpu_secs),
+            opt1(d.machine_cpu_busy_pct),
         );
     }
     if let (Some(secs), Some(rate)) = (r.seconds, r.rows_per_sec) {
