@@ -220,8 +220,8 @@ impl Gate {
 /// A request on its way to the dispatcher.
 struct Job {
     request: GrantRequest,
-    /// The claim's attempt count (fences the outcome write).
-    attempts: i32,
+    /// The claim's token (fences the outcome write).
+    claim: repo::ClaimToken,
     /// Which attempt of the row's current retry budget this is.
     budget_attempt: i32,
     outcomes: mpsc::UnboundedSender<RowOutcome>,
@@ -231,7 +231,7 @@ impl Job {
     fn release(self) {
         let _ = self.outcomes.send(RowOutcome {
             target: self.request.target,
-            attempts: self.attempts,
+            claim: self.claim,
             outcome: Outcome::Released,
         });
     }
@@ -246,6 +246,10 @@ pub struct Engine {
     settings: EngineSettings,
     stats: Arc<Stats>,
     breaker: Arc<Mutex<Breaker>>,
+    /// `<instance>#<nonce>`: the prefix of every claim token of this process.
+    run_id: String,
+    /// Probe claims made so far (for unique claim tokens).
+    probes: AtomicU64,
 }
 
 fn lock_breaker(b: &Mutex<Breaker>) -> std::sync::MutexGuard<'_, Breaker> {
@@ -264,7 +268,20 @@ impl Engine {
         settings: EngineSettings,
     ) -> Engine {
         let breaker = Arc::new(Mutex::new(Breaker::new(settings.breaker)));
-        Engine { pool, kinds, money, limiter, settings, stats: Arc::new(Stats::default()), breaker }
+        // Claim tokens start with the instance id and a nonce of this process's life, so two
+        // runs of a daemon (a pid reused after a restart) never share one.
+        let run_id = format!("{}#{:08x}", settings.instance_id, rand::rng().random::<u32>());
+        Engine {
+            pool,
+            kinds,
+            money,
+            limiter,
+            settings,
+            stats: Arc::new(Stats::default()),
+            breaker,
+            run_id,
+            probes: AtomicU64::new(0),
+        }
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -297,8 +314,14 @@ impl Engine {
             }
             let current = fresh.take().unwrap_or_else(|| queue.borrow_and_update().clone());
             let Some(head) = current.into_iter().next() else {
+                // Idle: take discovery's next publication, or look for ourselves every
+                // `gate_poll`, so a campaign set RUNNING starts within a fraction of a second.
                 tokio::select! {
                     _ = queue.changed() => continue,
+                    _ = tokio::time::sleep(self.settings.gate_poll) => {
+                        fresh = self.reread_queue().await;
+                        continue;
+                    }
                     _ = shutdown.cancelled() => break,
                 }
             };
@@ -384,8 +407,14 @@ impl Engine {
         };
         let admitted = lock_breaker(&self.breaker).admit_probe(Instant::now());
         if admitted != Admission::Probe && admitted != Admission::Send {
-            self.write_one(&kind, campaign, claimed.target, claimed.attempts, Outcome::Released)
-                .await;
+            self.write_one(
+                &kind,
+                campaign,
+                claimed.target,
+                claimed.claim.clone(),
+                Outcome::Released,
+            )
+            .await;
             return;
         }
         self.limiter.acquire().await;
@@ -401,7 +430,7 @@ impl Engine {
             &self.settings.retry,
             rand::rng().random::<f64>(),
         );
-        self.write_one(&kind, campaign, claimed.target, claimed.attempts, outcome).await;
+        self.write_one(&kind, campaign, claimed.target, claimed.claim.clone(), outcome).await;
         let transition = lock_breaker(&self.breaker).record_probe(signal, Instant::now());
         match transition {
             Some(Transition::Closed) => {
@@ -434,20 +463,21 @@ impl Engine {
     ) -> Result<Option<(CampaignId, Arc<dyn ErasedKind>, repo::Claimed, GrantRequest)>, DbError>
     {
         let mut c = conn(&self.pool).await?;
-        let owner = format!("{}/probe", self.settings.instance_id);
+        let token = self.claim_token("probe");
         for campaign in repo::breaker_candidates(&mut c).await? {
             let Some(kind) = self.kinds.get(&campaign.kind) else { continue };
             let id = campaign.id();
-            while let Some(claimed) = repo::claim_probe(&mut c, kind.table(), id, &owner).await? {
+            while let Some(claimed) = repo::claim_probe(&mut c, kind.table(), id, &token).await? {
                 let ctx = self.validation_context();
                 let mut prepared = kind.prepare(&mut c, id, &[claimed.target], &ctx).await?;
                 match prepared.pop().map(|p| p.request) {
                     Some(Ok(request)) => return Ok(Some((id, kind, claimed, request))),
                     Some(Err(invalid)) => {
-                        let dead = Outcome::Dead { code: invalid.code, message: invalid.message };
+                        let dead =
+                            Outcome::Invalid { code: invalid.code, message: invalid.message };
                         let row = RowOutcome {
                             target: claimed.target,
-                            attempts: claimed.attempts,
+                            claim: claimed.claim.clone(),
                             outcome: dead,
                         };
                         repo::write_outcomes(
@@ -493,10 +523,10 @@ impl Engine {
         kind: &Arc<dyn ErasedKind>,
         campaign: CampaignId,
         target: TargetId,
-        attempts: i32,
+        claim: repo::ClaimToken,
         outcome: Outcome,
     ) {
-        let row = [RowOutcome { target, attempts, outcome }];
+        let row = [RowOutcome { target, claim, outcome }];
         for attempt in 0..10u64 {
             let done = async {
                 let mut c = conn(&self.pool).await?;
@@ -520,6 +550,11 @@ impl Engine {
             }
         }
         error!(campaign.id = %campaign, row = %target, "probe outcome not committed; the row stays IN_FLIGHT and is resent with its key when the campaign runs");
+    }
+
+    fn claim_token(&self, what: &str) -> repo::ClaimToken {
+        let seq = self.probes.fetch_add(1, Ordering::Relaxed);
+        format!("{}/{what}/{seq}", self.run_id).into()
     }
 
     fn validation_context(&self) -> ValidationContext {
@@ -601,7 +636,8 @@ impl Engine {
                 campaign: id,
                 slice,
                 settings: self.settings.clone(),
-                owner: format!("{}/p{}", self.settings.instance_id, slice.partition_no),
+                owner: format!("{}/p{}", self.run_id, slice.partition_no),
+                claims: AtomicU64::new(0),
                 jobs: job_tx.clone(),
                 outcomes: out_tx,
                 gate: gate.clone(),
@@ -818,6 +854,8 @@ struct Worker {
     slice: PartitionSlice,
     settings: EngineSettings,
     owner: String,
+    /// Claims made so far by this worker (for unique claim tokens).
+    claims: AtomicU64,
     jobs: mpsc::Sender<Job>,
     outcomes: mpsc::UnboundedSender<RowOutcome>,
     gate: Gate,
@@ -865,7 +903,7 @@ impl Worker {
                 self.campaign,
                 &self.slice,
                 self.settings.batch_size,
-                &self.owner,
+                &self.next_token(),
             )
             .await?;
             if claimed.is_empty() {
@@ -884,30 +922,30 @@ impl Worker {
                 Err(e) => {
                     // Claimed but unloadable: give the rows back rather than strand them.
                     for cl in &claimed {
-                        self.emit(cl.target, cl.attempts, Outcome::Released);
+                        self.emit(cl.target, cl.claim.clone(), Outcome::Released);
                     }
                     return Err(e.into());
                 }
             }
         };
-        let attempts: HashMap<TargetId, (i32, i32)> =
-            claimed.iter().map(|c| (c.target, (c.attempts, c.budget_attempt()))).collect();
+        let claims: HashMap<TargetId, (repo::ClaimToken, i32)> =
+            claimed.iter().map(|c| (c.target, (c.claim.clone(), c.budget_attempt()))).collect();
         let mut seen = 0usize;
         for p in prepared {
-            let Some(&(att, budget_attempt)) = attempts.get(&p.target) else {
+            let Some((claim, budget_attempt)) = claims.get(&p.target).cloned() else {
                 continue;
             };
             seen += 1;
             match p.request {
                 Err(invalid) => self.emit(
                     p.target,
-                    att,
-                    Outcome::Dead { code: invalid.code, message: invalid.message },
+                    claim,
+                    Outcome::Invalid { code: invalid.code, message: invalid.message },
                 ),
                 Ok(request) => {
                     let job = Job {
                         request,
-                        attempts: att,
+                        claim: claim.clone(),
                         budget_attempt,
                         outcomes: self.outcomes.clone(),
                     };
@@ -922,7 +960,7 @@ impl Worker {
                             }
                         }
                         _ = self.gate.token.cancelled() => {
-                            self.emit(p.target, att, Outcome::Released);
+                            self.emit(p.target, claim, Outcome::Released);
                         }
                     }
                 }
@@ -936,8 +974,14 @@ impl Worker {
         Ok(claimed.len())
     }
 
-    fn emit(&self, target: TargetId, attempts: i32, outcome: Outcome) {
-        let _ = self.outcomes.send(RowOutcome { target, attempts, outcome });
+    fn emit(&self, target: TargetId, claim: repo::ClaimToken, outcome: Outcome) {
+        let _ = self.outcomes.send(RowOutcome { target, claim, outcome });
+    }
+
+    /// A token unique to the next claim: `<instance>#<nonce>/p<partition>/<sequence>`.
+    fn next_token(&self) -> repo::ClaimToken {
+        let seq = self.claims.fetch_add(1, Ordering::Relaxed);
+        format!("{}/{seq}", self.owner).into()
     }
 }
 
@@ -947,11 +991,11 @@ async fn claim_with_retry(
     campaign: CampaignId,
     slice: &PartitionSlice,
     limit: u32,
-    owner: &str,
+    token: &repo::ClaimToken,
 ) -> Result<Vec<repo::Claimed>, DbError> {
     let mut tries = 0;
     loop {
-        match repo::claim(c, table, campaign, slice, limit, owner).await {
+        match repo::claim(c, table, campaign, slice, limit, token).await {
             Ok(v) => return Ok(v),
             Err(e) => {
                 let e = DbError::from(e);
@@ -1031,7 +1075,7 @@ impl Dispatcher {
                     decide(result, job.budget_attempt, &retry, rand::rng().random::<f64>());
                 let _ = job.outcomes.send(RowOutcome {
                     target: job.request.target,
-                    attempts: job.attempts,
+                    claim: job.claim,
                     outcome,
                 });
                 drop(permit);
@@ -1151,7 +1195,7 @@ impl Writer {
                         let counter = match o.outcome {
                             Outcome::Granted { .. } => &self.stats.granted,
                             Outcome::Retry { .. } => &self.stats.retried,
-                            Outcome::Dead { .. } => &self.stats.dead,
+                            Outcome::Dead { .. } | Outcome::Invalid { .. } => &self.stats.dead,
                             Outcome::Released => &self.stats.released,
                         };
                         counter.fetch_add(1, Ordering::Relaxed);

@@ -5,10 +5,12 @@
 //! target tables share: `id, event_id, status, bucket, attempts, transaction_id, last_error,
 //! next_attempt_at, claimed_by, updated_at`.
 //!
-//! Outcome writes are fenced by `attempts`: a claim increments it, and every later write for
-//! that claim (failed, dead, released) requires the same value, so a write retried after a lost
-//! acknowledgement can never touch a newer claim of the row. A success is written
-//! unconditionally: Money's transaction id is the truth whatever the row's state.
+//! Outcome writes are fenced by the claim: a claim stores a token unique to it in `claimed_by`,
+//! and every later write for that claim (failed, dead, released) requires the row to be
+//! IN_FLIGHT under the same token, so a write retried after a lost acknowledgement can never
+//! touch a newer claim of the row. A success is written unconditionally: Money's transaction id
+//! is the truth whatever the row's state. `attempts` counts requests whose answer was recorded;
+//! a claimed row that was never sent costs no attempt.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -504,20 +506,24 @@ pub async fn recover_in_flight(
     .await
 }
 
-/// A claimed row: its id and its attempt count including the attempt just claimed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A claim's token in `claimed_by`: unique to one claim, it fences the claim's outcome write.
+pub type ClaimToken = std::sync::Arc<str>;
+
+/// A claimed row.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claimed {
     pub target: TargetId,
-    /// Attempts made so far, this one included; fences this claim's outcome write.
+    pub claim: ClaimToken,
+    /// Attempts recorded before this claim.
     pub attempts: i32,
     /// `attempts` when the row last got a fresh retry budget (a requeue).
     pub retry_base: i32,
 }
 
 impl Claimed {
-    /// Which attempt of the current retry budget this is (1 = the first).
+    /// Which attempt of the current retry budget this claim's request is (1 = the first).
     pub fn budget_attempt(&self) -> i32 {
-        (self.attempts - self.retry_base).max(1)
+        (self.attempts + 1 - self.retry_base).max(1)
     }
 }
 
@@ -531,15 +537,15 @@ struct ClaimRow {
     retry_base: i32,
 }
 
-/// Claims up to `limit` PENDING rows of one partition: locks their ids (`SKIP LOCKED`), marks
-/// them IN_FLIGHT and counts the attempt, in one short transaction.
+/// Claims up to `limit` PENDING rows of one partition: locks their ids (`SKIP LOCKED`) and marks
+/// them IN_FLIGHT under the claim's `token`, in one short transaction.
 pub async fn claim(
     conn: &mut AsyncMysqlConnection,
     table: &str,
     id: CampaignId,
     slice: &PartitionSlice,
     limit: u32,
-    owner: &str,
+    token: &ClaimToken,
 ) -> QResult<Vec<Claimed>> {
     conn.transaction(async |c| {
         let rows: Vec<ClaimRow> = diesel::sql_query(format!(
@@ -557,12 +563,12 @@ pub async fn claim(
             return Ok(Vec::new());
         }
         let sql = format!(
-            "UPDATE {table} SET status = 'IN_FLIGHT', attempts = attempts + 1, claimed_by = ?, \
-             updated_at = NOW(3) WHERE id IN ({})",
+            "UPDATE {table} SET status = 'IN_FLIGHT', claimed_by = ?, updated_at = NOW(3) \
+             WHERE id IN ({})",
             placeholders(rows.len())
         );
         let mut q: BoxedSqlQuery<'_, Mysql, _> = diesel::sql_query(sql).into_boxed();
-        q = q.bind::<Text, _>(owner.to_owned());
+        q = q.bind::<Text, _>(token.to_string());
         for r in &rows {
             q = q.bind::<BigInt, _>(r.id);
         }
@@ -571,7 +577,8 @@ pub async fn claim(
             .into_iter()
             .map(|r| Claimed {
                 target: TargetId(r.id),
-                attempts: r.attempts + 1,
+                claim: token.clone(),
+                attempts: r.attempts,
                 retry_base: r.retry_base,
             })
             .collect())
@@ -584,7 +591,7 @@ pub async fn claim_probe(
     conn: &mut AsyncMysqlConnection,
     table: &str,
     id: CampaignId,
-    owner: &str,
+    token: &ClaimToken,
 ) -> QResult<Option<Claimed>> {
     conn.transaction(async |c| {
         let mut rows: Vec<ClaimRow> = diesel::sql_query(format!(
@@ -596,16 +603,17 @@ pub async fn claim_probe(
         .await?;
         let Some(row) = rows.pop() else { return Ok(None) };
         diesel::sql_query(format!(
-            "UPDATE {table} SET status = 'IN_FLIGHT', attempts = attempts + 1, claimed_by = ?, \
-             updated_at = NOW(3) WHERE id = ?"
+            "UPDATE {table} SET status = 'IN_FLIGHT', claimed_by = ?, updated_at = NOW(3) \
+             WHERE id = ?"
         ))
-        .bind::<Text, _>(owner)
+        .bind::<Text, _>(token.to_string())
         .bind::<BigInt, _>(row.id)
         .execute(c)
         .await?;
         Ok(Some(Claimed {
             target: TargetId(row.id),
-            attempts: row.attempts + 1,
+            claim: token.clone(),
+            attempts: row.attempts,
             retry_base: row.retry_base,
         }))
     })
@@ -640,17 +648,19 @@ pub enum Outcome {
     Granted { transaction_id: String },
     /// Not granted; tried again after `after`.
     Retry { after: Duration, error: String },
-    /// Given up: DEAD with a dead letter.
+    /// Given up after this attempt: DEAD with a dead letter.
     Dead { code: String, message: String },
+    /// Never sent because the row is invalid: DEAD with a dead letter, no attempt counted.
+    Invalid { code: String, message: String },
     /// Never sent (the campaign stopped first): back to PENDING, the attempt not counted.
     Released,
 }
 
-/// One row's outcome, fenced by the attempt count of its claim.
+/// One row's outcome, fenced by its claim.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowOutcome {
     pub target: TargetId,
-    pub attempts: i32,
+    pub claim: ClaimToken,
     pub outcome: Outcome,
 }
 
@@ -674,7 +684,8 @@ pub async fn write_outcomes(
         match &o.outcome {
             Outcome::Granted { transaction_id } => granted.push((o, transaction_id)),
             Outcome::Retry { after, error } => retry.push((o, after, error)),
-            Outcome::Dead { code, message } => dead.push((o, code, message)),
+            Outcome::Dead { code, message } => dead.push((o, code, message, 1)),
+            Outcome::Invalid { code, message } => dead.push((o, code, message, 0)),
             Outcome::Released => released.push(o),
         }
     }
@@ -688,7 +699,8 @@ pub async fn write_outcomes(
                 let sql = format!(
                     "UPDATE {table} t JOIN ({}) v ON t.id = v.id \
                      SET t.status = 'SUCCEEDED', t.transaction_id = v.tx, t.last_error = NULL, \
-                     t.next_attempt_at = NULL, t.updated_at = NOW(3) WHERE {from}",
+                     t.attempts = t.attempts + 1, t.next_attempt_at = NULL, t.updated_at = NOW(3) \
+                     WHERE {from}",
                     values_table(&["id", "tx"], granted.len())
                 );
                 let mut q = diesel::sql_query(sql).into_boxed::<Mysql>();
@@ -707,17 +719,17 @@ pub async fn write_outcomes(
         }
         if !retry.is_empty() {
             let sql = format!(
-                "UPDATE {table} t JOIN ({}) v ON t.id = v.id AND t.attempts = v.att \
-                 SET t.status = 'FAILED', t.last_error = v.err, \
+                "UPDATE {table} t JOIN ({}) v ON t.id = v.id AND t.claimed_by = v.claim \
+                 SET t.status = 'FAILED', t.last_error = v.err, t.attempts = t.attempts + 1, \
                  t.next_attempt_at = NOW(3) + INTERVAL v.delay_us MICROSECOND, t.updated_at = NOW(3) \
                  WHERE t.status = 'IN_FLIGHT'",
-                values_table(&["id", "att", "err", "delay_us"], retry.len())
+                values_table(&["id", "claim", "err", "delay_us"], retry.len())
             );
             let mut q = diesel::sql_query(sql).into_boxed::<Mysql>();
             for (o, after, error) in &retry {
                 q = q
                     .bind::<BigInt, _>(o.target.0)
-                    .bind::<Integer, _>(o.attempts)
+                    .bind::<Text, _>(o.claim.to_string())
                     .bind::<Text, _>(truncate(error, MAX_ERROR_CHARS))
                     .bind::<BigInt, _>(i64::try_from(after.as_micros()).unwrap_or(i64::MAX));
             }
@@ -725,17 +737,19 @@ pub async fn write_outcomes(
         }
         if !dead.is_empty() {
             let sql = format!(
-                "UPDATE {table} t JOIN ({}) v ON t.id = v.id AND t.attempts = v.att \
+                "UPDATE {table} t JOIN ({}) v ON t.id = v.id AND t.claimed_by = v.claim \
                  SET t.status = 'DEAD', t.last_error = v.err, t.next_attempt_at = NULL, \
-                 t.updated_at = NOW(3) WHERE t.status = 'IN_FLIGHT'",
-                values_table(&["id", "att", "err"], dead.len())
+                 t.attempts = t.attempts + v.sent, t.updated_at = NOW(3) \
+                 WHERE t.status = 'IN_FLIGHT'",
+                values_table(&["id", "claim", "err", "sent"], dead.len())
             );
             let mut q = diesel::sql_query(sql).into_boxed::<Mysql>();
-            for (o, code, message) in &dead {
+            for (o, code, message, sent) in &dead {
                 q = q
                     .bind::<BigInt, _>(o.target.0)
-                    .bind::<Integer, _>(o.attempts)
-                    .bind::<Text, _>(truncate(&format!("{code}: {message}"), MAX_ERROR_CHARS));
+                    .bind::<Text, _>(o.claim.to_string())
+                    .bind::<Text, _>(truncate(&format!("{code}: {message}"), MAX_ERROR_CHARS))
+                    .bind::<Integer, _>(*sent);
             }
             dead_delta += q.execute(c).await? as i64;
             // One unresolved dead letter per DEAD row; a retried write adds nothing.
@@ -743,19 +757,19 @@ pub async fn write_outcomes(
                 "INSERT INTO dead_letters \
                  (campaign_id, target_kind, target_id, error_code, error_message, attempts) \
                  SELECT ?, ?, t.id, v.code, v.msg, t.attempts FROM ({}) v \
-                 JOIN {table} t ON t.id = v.id AND t.attempts = v.att \
+                 JOIN {table} t ON t.id = v.id AND t.claimed_by = v.claim \
                  WHERE t.status = 'DEAD' AND NOT EXISTS (SELECT 1 FROM dead_letters d \
                  WHERE d.target_kind = ? AND d.target_id = t.id AND d.resolved_at IS NULL)",
-                values_table(&["id", "att", "code", "msg"], dead.len())
+                values_table(&["id", "claim", "code", "msg"], dead.len())
             );
             let mut q = diesel::sql_query(sql)
                 .into_boxed::<Mysql>()
                 .bind::<BigInt, _>(id.0)
                 .bind::<Text, _>(kind.to_owned());
-            for (o, code, message) in &dead {
+            for (o, code, message, _) in &dead {
                 q = q
                     .bind::<BigInt, _>(o.target.0)
-                    .bind::<Integer, _>(o.attempts)
+                    .bind::<Text, _>(o.claim.to_string())
                     .bind::<Text, _>(truncate(code, 64))
                     .bind::<Text, _>(truncate(message, MAX_ERROR_CHARS));
             }
@@ -764,14 +778,14 @@ pub async fn write_outcomes(
         }
         if !released.is_empty() {
             let sql = format!(
-                "UPDATE {table} t JOIN ({}) v ON t.id = v.id AND t.attempts = v.att \
-                 SET t.status = 'PENDING', t.attempts = t.attempts - 1, t.claimed_by = NULL, \
-                 t.updated_at = NOW(3) WHERE t.status = 'IN_FLIGHT'",
-                values_table(&["id", "att"], released.len())
+                "UPDATE {table} t JOIN ({}) v ON t.id = v.id AND t.claimed_by = v.claim \
+                 SET t.status = 'PENDING', t.claimed_by = NULL, t.updated_at = NOW(3) \
+                 WHERE t.status = 'IN_FLIGHT'",
+                values_table(&["id", "claim"], released.len())
             );
             let mut q = diesel::sql_query(sql).into_boxed::<Mysql>();
             for o in &released {
-                q = q.bind::<BigInt, _>(o.target.0).bind::<Integer, _>(o.attempts);
+                q = q.bind::<BigInt, _>(o.target.0).bind::<Text, _>(o.claim.to_string());
             }
             q.execute(c).await?;
         }

@@ -99,7 +99,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
         timeout: settings.money.timeout,
         pool_size: settings.money.max_in_flight,
     })?;
-    let limiter = RateLimiter::new(settings.money.rate_limit_per_sec);
+    let limiter = RateLimiter::new(settings.money.rate_limit_per_sec, settings.money.rate_slack);
     let kinds = kinds();
     let engine = Arc::new(Engine::new(
         pool.clone(),

@@ -63,6 +63,10 @@ struct Timers {
     retries: AtomicU64,
 }
 
+fn r3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
 fn add(counter: &AtomicU64, since: Instant) {
     counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
 }
@@ -160,16 +164,16 @@ pub async fn run(
         rows,
         partitions: plan.len() as u16,
         batch_size,
-        seconds,
-        rows_per_sec: rows as f64 / seconds.max(1e-9),
-        claim_secs_total: ns(&timers.claim_ns),
-        prepare_secs_total: ns(&timers.prepare_ns),
-        write_secs_total: ns(&timers.write_ns),
-        complete_ms,
+        seconds: r3(seconds),
+        rows_per_sec: r3(rows as f64 / seconds.max(1e-9)),
+        claim_secs_total: r3(ns(&timers.claim_ns)),
+        prepare_secs_total: r3(ns(&timers.prepare_ns)),
+        write_secs_total: r3(ns(&timers.write_ns)),
+        complete_ms: r3(complete_ms),
         claim_batches: timers.batches.load(Ordering::Relaxed),
         retries: timers.retries.load(Ordering::Relaxed),
-        bench_cpu_secs: self_cpu,
-        mariadb_cpu_secs: db_cpu,
+        bench_cpu_secs: self_cpu.map(r3),
+        mariadb_cpu_secs: db_cpu.map(r3),
         machine_cpu_busy_pct: busy_pct,
         other_cpu_secs: other,
     })
@@ -204,11 +208,14 @@ async fn claimer(
         expiry_offset: chrono::FixedOffset::east_opt(9 * 3600).context("offset")?,
     };
     let mut c = db::conn(&pool).await?;
+    let mut seq = 0u64;
     loop {
+        seq += 1;
+        let token: repo::ClaimToken = format!("{owner}/{seq}").into();
         let t = Instant::now();
         let mut tries = 0;
         let claimed = loop {
-            match repo::claim(&mut c, kind.table(), id, &slice, batch_size, &owner).await {
+            match repo::claim(&mut c, kind.table(), id, &slice, batch_size, &token).await {
                 Ok(v) => break v,
                 Err(e) if retry_after(&timers, &mut tries, &e).await => {}
                 Err(e) => return Err(e.into()),
@@ -223,16 +230,16 @@ async fn claimer(
         let t = Instant::now();
         let prepared = kind.prepare(&mut c, id, &ids, &ctx).await?;
         add(&timers.prepare_ns, t);
-        let attempts: std::collections::HashMap<TargetId, i32> =
-            claimed.iter().map(|c| (c.target, c.attempts)).collect();
         let outcomes: Vec<RowOutcome> = prepared
             .into_iter()
             .map(|p| RowOutcome {
                 target: p.target,
-                attempts: attempts.get(&p.target).copied().unwrap_or(1),
+                claim: token.clone(),
                 outcome: match p.request {
                     Ok(_) => Outcome::Granted { transaction_id: format!("bench-{}", p.target.0) },
-                    Err(invalid) => Outcome::Dead { code: invalid.code, message: invalid.message },
+                    Err(invalid) => {
+                        Outcome::Invalid { code: invalid.code, message: invalid.message }
+                    }
                 },
             })
             .collect();
