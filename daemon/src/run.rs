@@ -84,6 +84,9 @@ fn notify(state: &[sd_notify::NotifyState]) {
 
 pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     let run = settings.require_run()?;
+    // Signals first: a SIGTERM during start-up must still end in a clean exit.
+    let shutdown = CancellationToken::new();
+    tokio::spawn(wait_for_signal(shutdown.clone()));
     let instance_id = crate::ident::instance_id();
     let pool = pool(&settings)?;
     db::check(&pool).await.context("cannot reach the database (database.url)")?;
@@ -181,14 +184,11 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     .await?;
     jobs.start().await?;
 
-    let shutdown = CancellationToken::new();
-    tokio::spawn(wait_for_signal(shutdown.clone()));
     tokio::spawn(watchdog(jobs.health.clone(), shutdown.clone()));
     notify(&[sd_notify::NotifyState::Ready]);
     info!("payoutd ready");
 
     engine.run(queue, shutdown.clone()).await;
-    notify(&[sd_notify::NotifyState::Stopping]);
     jobs.shutdown().await;
     let stats = engine.stats();
     let ms =

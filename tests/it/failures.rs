@@ -27,10 +27,10 @@ const LONG: Duration = Duration::from_secs(120);
 /// threshold no test reaches, so the campaign is never paused by it.
 const NO_BREAKER: (&str, &str) = ("PAYOUTD_BREAKER__FAILURE_THRESHOLD", "1000000");
 
-/// How long the database is unreachable in the outage test. The issue asks for 30 s; 8 s covers
-/// the same paths (the gate closes after 1 s unconfirmed, every reconnect fails for longer than
-/// the 5 s `database.connect_timeout`, outcomes are held and retried) and keeps CI time small.
-const DB_OUTAGE: Duration = Duration::from_secs(8);
+/// How long the database is unreachable in the outage test, as the issue asks: the gate closes
+/// after 1 s unconfirmed, every reconnect fails for far longer than the 5 s
+/// `database.connect_timeout`, and outcomes are held and retried until the database is back.
+const DB_OUTAGE: Duration = Duration::from_secs(30);
 
 /// Upper bound on how late a retry may come after its delay: the retry sweep runs once a second
 /// (tokio-cron-scheduler looks for due jobs every 500 ms), then the row is claimed (idle poll

@@ -7,6 +7,7 @@ mod breaker;
 mod cli_config;
 mod dbproxy;
 mod dead_letters;
+mod explain;
 mod failures;
 mod foundation;
 mod support;
