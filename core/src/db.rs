@@ -90,7 +90,20 @@ pub fn pool(settings: &DbSettings) -> Result<DbPool, DbError> {
 
 /// Takes a connection from the pool.
 pub async fn conn(pool: &DbPool) -> Result<DbConn, DbError> {
-    pool.get().await.map_err(|e| DbError::Pool(scrub(&e.to_string())))
+    pool.get().await.map_err(|e| DbError::Pool(tidy(&scrub(&e.to_string()))))
+}
+
+/// Drops the pool's generic prefix and repeated parts from a connection error
+/// ("Error occurred while creating a new object: Input/output error: Input/output error: …").
+fn tidy(msg: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in msg.split(": ") {
+        if part == "Error occurred while creating a new object" || parts.last() == Some(&part) {
+            continue;
+        }
+        parts.push(part);
+    }
+    parts.join(": ")
 }
 
 /// Removes a password from a message that may quote a connection URL.
@@ -127,6 +140,16 @@ pub async fn check(pool: &DbPool) -> Result<(), DbError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn connection_errors_are_tidied() {
+        assert_eq!(
+            super::tidy(
+                "Error occurred while creating a new object: Input/output error: Input/output error: Connection refused (os error 111)"
+            ),
+            "Input/output error: Connection refused (os error 111)"
+        );
+    }
+
     #[test]
     fn passwords_are_scrubbed() {
         assert_eq!(

@@ -1047,7 +1047,9 @@ impl Dispatcher {
             }
             if lock_breaker(&self.breaker).admit() != Admission::Send {
                 job.release();
-                self.gate.close(StopReason::BreakerOpen("breaker already open".to_owned()));
+                self.gate.close(StopReason::BreakerOpen(
+                    "Money failed while the breaker was closing".to_owned(),
+                ));
                 continue;
             }
             self.stats.sent.fetch_add(1, Ordering::Relaxed);
@@ -1065,11 +1067,15 @@ impl Dispatcher {
                 if let Err(MoneyError::Unauthorized) = &result {
                     gate.close(StopReason::Unauthorized);
                 }
-                let opened = lock_breaker(&breaker).record(Signal::of(&result), Instant::now());
-                if opened == Some(Transition::Opened) {
-                    let last = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
-                    warn!(error = %last, "circuit breaker opened: Money looks down");
-                    gate.close(StopReason::BreakerOpen(last));
+                {
+                    // Close the gate while holding the breaker, so the dispatcher (which checks
+                    // the breaker under the same lock) never closes it first with a vaguer reason.
+                    let mut b = lock_breaker(&breaker);
+                    if b.record(Signal::of(&result), Instant::now()) == Some(Transition::Opened) {
+                        let last = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+                        warn!(error = %last, "circuit breaker opened: Money looks down");
+                        gate.close(StopReason::BreakerOpen(last));
+                    }
                 }
                 let outcome =
                     decide(result, job.budget_attempt, &retry, rand::rng().random::<f64>());

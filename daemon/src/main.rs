@@ -111,7 +111,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run => run::run(settings).await,
         Command::Migrate => {
-            let pool = run::pool(&settings)?;
+            let pool = run::connect(&settings).await?;
             let applied = payout_core::db::migrate(&pool).await.context("migration failed")?;
             if applied.is_empty() {
                 println!("database is up to date");
@@ -122,7 +122,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Campaign(c) => {
-            let pool = run::pool(&settings)?;
+            let pool = run::connect(&settings).await?;
             let actor = format!("cli:{}", ident::os_user());
             match c {
                 CampaignCommand::Start { id } => {
@@ -144,7 +144,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::DeadLetters(c) => {
-            let pool = run::pool(&settings)?;
+            let pool = run::connect(&settings).await?;
             let actor = format!("cli:{}", ident::os_user());
             dead_letters::command(&pool, &run::kinds(), c, &actor).await
         }

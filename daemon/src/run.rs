@@ -30,6 +30,17 @@ pub(crate) fn kinds() -> KindRegistry {
     kinds
 }
 
+/// Builds the pool and checks the database answers, naming `database.url` (password masked)
+/// when it does not.
+pub(crate) async fn connect(settings: &Settings) -> anyhow::Result<DbPool> {
+    let pool = pool(settings)?;
+    db::check(&pool).await.with_context(|| {
+        let url = settings.database_url().map(|u| u.to_string()).unwrap_or_default();
+        format!("cannot reach the database (database.url = {url})")
+    })?;
+    Ok(pool)
+}
+
 /// Builds the pool from the configuration (only `database.*` is needed).
 pub(crate) fn pool(settings: &Settings) -> anyhow::Result<DbPool> {
     let url = settings.database_url()?;
@@ -88,8 +99,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
     let instance_id = crate::ident::instance_id();
-    let pool = pool(&settings)?;
-    db::check(&pool).await.context("cannot reach the database (database.url)")?;
+    let pool = connect(&settings).await?;
     if settings.database.migrate_on_start {
         let applied = db::migrate(&pool).await?;
         if !applied.is_empty() {

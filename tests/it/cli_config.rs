@@ -135,6 +135,23 @@ async fn a_missing_or_bad_key_stops_start_up_naming_it() -> anyhow::Result<()> {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("money.rate_limt_per_sec"), "{err}");
 
+    // An unreachable database is named, with its password masked, on one line.
+    let out = payoutd(&db, None)
+        .args(["campaign", "list"])
+        .env("PAYOUTD_DATABASE__URL", "mysql://payout:hunter2@127.0.0.1:9/nowhere")
+        .output()
+        .await?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "cannot reach the database (database.url = mysql://payout:***@127.0.0.1:9/nowhere)"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
     let out = payoutd(&db, None)
         .args(["campaign", "list"])
         .env_remove("PAYOUTD_DATABASE__URL")
