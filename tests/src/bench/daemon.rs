@@ -165,6 +165,28 @@ fn number(v: &serde_json::Value, key: &str) -> Option<f64> {
     }
 }
 
+/// Runs a `payoutd` command (`campaign status 1 --json`, …) against `db_url` and returns its
+/// output; fails when it exits unsuccessfully.
+pub async fn cli(
+    payoutd: &Path,
+    db_url: &str,
+    args: &[&str],
+) -> anyhow::Result<std::process::Output> {
+    let env = [
+        ("PAYOUTD_DATABASE__URL".to_owned(), db_url.to_owned()),
+        ("PAYOUTD_LOG__FORMAT".to_owned(), "text".to_owned()),
+    ];
+    let out = command(payoutd, &env)
+        .args(args)
+        .output()
+        .await
+        .with_context(|| format!("cannot run {} {}", payoutd.display(), args.join(" ")))?;
+    if !out.status.success() {
+        bail!("payoutd {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,26 +206,4 @@ mod tests {
         assert_eq!(log.stopped_number("money_p50_ms"), Some(21.5));
         assert_eq!(log.stopped_number("money_p99_ms"), None);
     }
-}
-
-/// Runs a `payoutd` command (`campaign status 1 --json`, …) against `db_url` and returns its
-/// output; fails when it exits unsuccessfully.
-pub async fn cli(payoutd: &Path, db_url: &str, args: &[&str]) -> anyhow::Result<std::process::Output> {
-    let env = [
-        ("PAYOUTD_DATABASE__URL".to_owned(), db_url.to_owned()),
-        ("PAYOUTD_LOG__FORMAT".to_owned(), "text".to_owned()),
-    ];
-    let out = command(payoutd, &env)
-        .args(args)
-        .output()
-        .await
-        .with_context(|| format!("cannot run {} {}", payoutd.display(), args.join(" ")))?;
-    if !out.status.success() {
-        bail!(
-            "payoutd {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(out)
 }

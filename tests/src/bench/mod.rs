@@ -7,7 +7,8 @@
 //! `/proc` and the database say. The result is printed and written as JSON ([`BenchReport`]).
 //!
 //! Optionally the database-only ceiling ([`db_only`]) runs first on a second campaign of the
-//! same size (`db_ceiling`), or alone (`db_only`).
+//! same size (`db_ceiling`), or alone (`db_only`). `status_only` ([`status`]) instead times
+//! `payoutd campaign status` on the loaded campaign set up as under way, with no daemon.
 //!
 //! `BENCHMARKS.md` at the repository root explains every field and holds measured figures.
 
@@ -16,6 +17,7 @@ pub mod db;
 pub mod db_only;
 pub mod procfs;
 pub mod sim;
+pub mod status;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -97,6 +99,8 @@ pub struct BenchConfig {
     pub db_only: bool,
     /// The database-only ceiling on a second campaign first, then the end-to-end run.
     pub db_ceiling: bool,
+    /// Only time `payoutd campaign status` and the status queries on the loaded campaign.
+    pub status_only: bool,
     pub keep_db: bool,
     /// Server URL without a database; `None`: `PAYOUTD_TEST_DATABASE_URL`, else
     /// `scripts/ensure-mariadb.sh`. Never serialised (it may hold a password).
@@ -135,6 +139,7 @@ impl Default for BenchConfig {
             sim_process: false,
             db_only: false,
             db_ceiling: false,
+            status_only: false,
             keep_db: false,
             db_url: None,
             payoutd: None,
@@ -164,6 +169,9 @@ impl BenchConfig {
         }
         if self.batch_size.is_some_and(|b| !(1..=5000).contains(&b)) {
             bail!("--batch-size must be 1 to 5000");
+        }
+        if self.status_only && (self.db_only || self.db_ceiling) {
+            bail!("--status-only runs no campaign: not with --db-only or --db-ceiling");
         }
         if self.max_in_flight == Some(0) {
             bail!("--max-in-flight must be at least 1");
@@ -338,6 +346,8 @@ pub struct BenchReport {
     pub other_cpu_secs: Option<f64>,
 
     pub db_only: Option<db_only::DbOnlyReport>,
+    /// The status-only mode's timings.
+    pub status: Option<status::StatusReport>,
     /// `rows_per_sec` ÷ the database-only ceiling's rows/s.
     pub e2e_over_db_only: Option<f64>,
     pub notes: Vec<String>,
@@ -532,6 +542,24 @@ async fn run_in(
         cfg,
         format!("loaded in {:.2} s ({:.0} rows/s)", report.load_secs, report.load_rows_per_sec),
     );
+
+    if cfg.status_only {
+        report.partitioning = format!(
+            "a stored plan of {} written by the bench (status only: no daemon runs)",
+            status::PARTITIONS
+        );
+        progress(cfg, "status only: setting the campaign under way, then timing the status");
+        let r = status::run(db, payoutd, cfg.kind, cfg.rows).await?;
+        progress(
+            cfg,
+            format!(
+                "payoutd campaign status: median {:.1} ms; view {:.1} ms; GROUP BY {:.1} ms",
+                r.cli.median_ms, r.view.median_ms, r.naive_group_by.median_ms
+            ),
+        );
+        report.status = Some(r);
+        return Ok(());
+    }
 
     let partitioning = Partitioning::for_config(cfg);
     report.partitioning = partitioning.describe();
@@ -833,7 +861,13 @@ pub fn summary(r: &BenchReport) -> String {
         r.machine.loadavg_start.map(|l| format!("{:.2}", l[0])).unwrap_or_default(),
         r.machine.loadavg_end.map(|l| format!("{:.2}", l[0])).unwrap_or_default(),
     );
-    if cfg.db_only {
+    if let Some(st) = &r.status {
+        let _ = writeln!(
+            s,
+            "  {} {} rows; status only (campaign under way, no daemon); {} partitions",
+            r.rows, r.kind, st.partitions,
+        );
+    } else if cfg.db_only {
         let _ = writeln!(
             s,
             "  {} {} rows; database only (no daemon, no HTTP); partitions: {}",
@@ -861,6 +895,39 @@ pub fn summary(r: &BenchReport) -> String {
         "  load                  {:>10.2} s   {:>10.0} rows/s",
         r.load_secs, r.load_rows_per_sec
     );
+    if let Some(st) = &r.status {
+        let counts: Vec<String> = st.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(
+            s,
+            "  rows                  {} (setup {:.2} s)",
+            counts.join(", "),
+            st.setup_secs
+        );
+        for (what, t) in [
+            ("payoutd campaign status --json", &st.cli),
+            ("SELECT * FROM campaign_progress", &st.view),
+            ("naive GROUP BY status", &st.naive_group_by),
+        ] {
+            let _ = writeln!(
+                s,
+                "  {what:<34} min {:>9.1} ms  median {:>9.1} ms  max {:>9.1} ms  ({} calls)",
+                t.min_ms,
+                t.median_ms,
+                t.max_ms,
+                t.samples_ms.len()
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  CLI counts match the rows: {}; buffer pool {} MiB, table {} MiB",
+            st.cli_counts_match,
+            opt1(st.innodb_buffer_pool_mib),
+            opt1(st.table_mib)
+        );
+        for line in &st.view_plan {
+            let _ = writeln!(s, "    plan: {line}");
+        }
+    }
     if let Some(d) = &r.db_only {
         let _ = writeln!(
             s,

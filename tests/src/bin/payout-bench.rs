@@ -48,6 +48,10 @@ struct Args {
     /// Measure the database-only ceiling on a second campaign first, then the end-to-end run.
     #[arg(long)]
     db_ceiling: bool,
+    /// Only time `payoutd campaign status` (and the raw status query) on the loaded campaign, set
+    /// up as under way (a third SUCCEEDED, 500 IN_FLIGHT, 200 FAILED, 8 partitions); no daemon.
+    #[arg(long, conflicts_with_all = ["db_only", "db_ceiling"])]
+    status_only: bool,
     /// Keep the database afterwards.
     #[arg(long)]
     keep_db: bool,
@@ -107,6 +111,7 @@ async fn main() -> std::process::ExitCode {
         sim_process: a.sim_process,
         db_only: a.db_only,
         db_ceiling: a.db_ceiling,
+        status_only: a.status_only,
         keep_db: a.keep_db,
         db_url: a.db_url,
         payoutd: a.payoutd,
