@@ -179,3 +179,53 @@ async fn the_daemon_exits_cleanly_on_sigterm_and_never_logs_the_api_key() -> any
     sim.shutdown().await;
     db.drop_db().await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_json_throughput_line_per_running_campaign_carries_tps_counts_and_failure_rate()
+-> anyhow::Result<()> {
+    let _timing = shared().await;
+    let db = TestDb::new().await?;
+    let sim = sim(sim_config()).await?;
+    db.campaign(43, "POINT", "logged").await?;
+    let mut rows = point_rows(800);
+    rows[0].0 = "missing-0".into();
+    db.load_points(43, &rows).await?;
+    db.exec("UPDATE campaigns SET status = 'RUNNING' WHERE id = 43").await?;
+    let daemon = Daemon::start(
+        &db,
+        &sim.base_url(),
+        &[
+            ("PAYOUTD_LOG__FORMAT", "json"),
+            ("PAYOUTD_LOG__THROUGHPUT_INTERVAL", "1s"),
+            ("PAYOUTD_MONEY__RATE_LIMIT_PER_SEC", "200"),
+        ],
+    )
+    .await?;
+    wait_status(&db, 43, "COMPLETED", Duration::from_secs(60)).await?;
+    let log = daemon.log_text();
+    daemon.terminate(Duration::from_secs(15)).await?;
+
+    // Every line is JSON; the throughput lines name the campaign and carry the figures.
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let throughput: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["message"] == "throughput" && l["campaign.id"] == 43).collect();
+    assert!(throughput.len() >= 2, "one line a second while the campaign runs: {throughput:?}");
+    for line in &throughput {
+        for field in ["tps", "succeeded", "dead", "pending", "failed", "failure_rate_pct", "rows"] {
+            assert!(!line[field].is_null(), "{field} missing in {line}");
+        }
+        assert_eq!(line["rows"], 800);
+    }
+    // While paying at 200/s, some interval shows a rate near it.
+    let best = throughput
+        .iter()
+        .filter_map(|l| l["tps"].as_str().and_then(|t| t.parse::<f64>().ok()))
+        .fold(0.0, f64::max);
+    assert!((120.0..=210.0).contains(&best), "best interval {best} rows/s");
+    sim.shutdown().await;
+    db.drop_db().await
+}
