@@ -594,6 +594,8 @@ async fn run_in(
         rate_limit_per_sec: cfg.sim_limit(),
         latency_ms: cfg.latency_ms,
         latency_jitter_ms: cfg.jitter_ms,
+        // Room for every row and the retries, so no rehash stalls the measurement.
+        expected_grants: cfg.rows as usize + cfg.rows as usize / 8,
         ..SimConfig::default()
     };
     let sim = if cfg.sim_process {

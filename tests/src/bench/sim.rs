@@ -40,6 +40,8 @@ impl Sim {
             .arg(cfg.latency_ms.to_string())
             .arg("--latency-jitter-ms")
             .arg(cfg.latency_jitter_ms.to_string())
+            .arg("--expected-grants")
+            .arg(cfg.expected_grants.to_string())
             .env("MONEY_SIM_API_KEY", &cfg.api_key)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

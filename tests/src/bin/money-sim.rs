@@ -43,6 +43,9 @@ struct Args {
     /// customer_uid prefix answered 404 customer_not_found (empty disables).
     #[arg(long, default_value = "missing-")]
     not_found_prefix: String,
+    /// Grants to make room for up front (a large map's rehash stalls every request).
+    #[arg(long, default_value_t = 0)]
+    expected_grants: usize,
 }
 
 fn parse_share(value: &str) -> Result<f64, String> {
@@ -74,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
         timeout_share: args.timeout_share,
         hang_ms: args.hang_ms,
         not_found_prefix: Some(args.not_found_prefix).filter(|prefix| !prefix.is_empty()),
+        expected_grants: args.expected_grants,
     };
     let sim = MoneySim::start(args.listen, cfg).await?;
     {

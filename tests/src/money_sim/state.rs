@@ -139,6 +139,15 @@ impl Grant {
 }
 
 impl Store {
+    fn with_capacity(n: usize) -> Store {
+        Store {
+            grants: Vec::with_capacity(n),
+            keys: HashMap::with_capacity(n),
+            bodies: HashSet::with_capacity(n),
+            ..Store::default()
+        }
+    }
+
     fn transaction_id(&self, index: usize) -> String {
         transaction_id(self.tx_base, index)
     }
@@ -274,9 +283,12 @@ impl Shared {
             started: Instant::now(),
             windows: Mutex::new(Windows::new(cfg.rate_limit_per_sec)),
             faults: Mutex::new(baseline_faults),
-            store: Mutex::new(Store::default()),
+            store: Mutex::new(Store::with_capacity(cfg.expected_grants)),
             statuses: StatusCounters::new(),
-            requests: Mutex::new(RequestLog::default()),
+            requests: Mutex::new(RequestLog {
+                arrivals: Vec::with_capacity(cfg.expected_grants),
+                ..RequestLog::default()
+            }),
             hangs_total: AtomicU64::new(0),
             dropped_total: AtomicU64::new(0),
             shutdown: watch::Sender::new(false),
@@ -462,7 +474,7 @@ impl Shared {
             let fresh = Store {
                 generation: store.generation + 1,
                 tx_base: store.tx_base + store.grants.len() as u64,
-                ..Store::default()
+                ..Store::with_capacity(store.keys.capacity())
             };
             *store = fresh;
         }
