@@ -195,7 +195,7 @@ say "loaded $((loaded_points + loaded_vouchers)) rows in $load_secs s"
 # other programs (or other demo runs) for a port we picked.
 say "starting money-sim (limit $RATE_LIMIT requests/s, latency 20 ms +- 10 ms)"
 "$MONEY_SIM" --listen 127.0.0.1:0 --api-key "$API_KEY" --rate-limit-per-sec "$RATE_LIMIT" \
-  --latency-ms 20 --latency-jitter-ms 10 >"$WORK/money-sim.out" 2>"$WORK/money-sim.log" &
+  --latency-ms 20 --latency-jitter-ms 10 --expected-grants 150000 >"$WORK/money-sim.out" 2>"$WORK/money-sim.log" &
 SIM_PID=$!
 MONEY_URL=""
 for ((i = 0; i < 300; i++)); do   # up to 30 s
