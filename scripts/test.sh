@@ -14,4 +14,12 @@ export PAYOUTD_TEST_DATABASE_URL
 echo "test.sh: using MariaDB at ${PAYOUTD_TEST_DATABASE_URL%%:*}://…@${PAYOUTD_TEST_DATABASE_URL##*@}" >&2
 # The integration tests run the real binaries (payoutd, money-sim): build them first.
 cargo build --workspace --bins
-cargo test --workspace "$@"
+# Run everything, then close with one total line over all test binaries (cargo prints one
+# "test result" line per binary, the last of which is often an empty doc-test run).
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
