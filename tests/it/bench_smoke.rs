@@ -24,6 +24,9 @@ async fn a_small_benchmark_run_writes_sane_figures() -> anyhow::Result<()> {
         out: Some(out.clone()),
         timeout_secs: Some(60),
         quiet: true,
+        // As in foundation's 200/s test: CI's shared cores stall the processes by 10-20 ms now
+        // and then, more than the 10 ms default slack is made for.
+        daemon_env: vec![("PAYOUTD_MONEY__RATE_SLACK".to_owned(), "30ms".to_owned())],
         ..BenchConfig::default()
     };
     let report = tokio::time::timeout(Duration::from_secs(90), bench::run(&cfg)).await??;
