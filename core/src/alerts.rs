@@ -761,7 +761,7 @@ impl FailureRateWatcher {
     pub async fn tick(&self) -> Result<usize, DbError> {
         let mut c = conn(&self.pool).await?;
         let mut raised = 0;
-        for campaign in repo::running_queue(&mut c).await? {
+        for campaign in repo::running_campaigns(&mut c).await? {
             let Some(kind) = self.kinds.get(&campaign.kind) else { continue };
             let id = campaign.id();
             let counts = failure_counts(&mut c, kind.table(), id).await?;

@@ -149,6 +149,12 @@ pub async fn running_queue(conn: &mut AsyncMysqlConnection) -> QResult<Vec<Campa
     )
     .execute(conn)
     .await?;
+    running_campaigns(conn).await
+}
+
+/// RUNNING campaigns in queue order, without touching queue positions (for sweeps that only
+/// read the set).
+pub async fn running_campaigns(conn: &mut AsyncMysqlConnection) -> QResult<Vec<CampaignRow>> {
     diesel::sql_query(format!(
         "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE status = 'RUNNING' \
          ORDER BY queued_at, id"

@@ -52,7 +52,7 @@ impl RetrySweeper {
     /// One sweep; returns the number of rows made PENDING again.
     pub async fn tick(&self) -> Result<usize, DbError> {
         let mut c = conn(&self.pool).await?;
-        let running = repo::running_queue(&mut c).await?;
+        let running = repo::running_campaigns(&mut c).await?;
         let mut total = 0;
         for campaign in running {
             let Some(kind) = self.kinds.get(&campaign.kind) else {
