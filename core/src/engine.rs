@@ -36,6 +36,7 @@ use crate::breaker::{Admission, Breaker, BreakerSettings, Signal, Transition};
 use crate::db::{DbError, DbPool, conn};
 use crate::domain::{CampaignId, TargetId};
 use crate::kind::{ErasedKind, GrantRequest, KindRegistry, ValidationContext};
+use crate::lease::{self, LeaseView};
 use crate::money::{Disposition, MoneyClient, MoneyError};
 use crate::plan::{PartitionRule, PartitionSlice};
 use crate::rate::RateLimiter;
@@ -66,6 +67,17 @@ pub struct EngineSettings {
     pub breaker: BreakerSettings,
     pub max_point_amount: i64,
     pub expiry_offset: FixedOffset,
+    /// A partition lease not renewed for this long may be taken over by another instance.
+    pub lease_time: Duration,
+    /// How often leases are renewed and the partitions rebalanced between instances.
+    pub lease_check: Duration,
+    /// How often the remaining row count is checked against the partition rule (re-planning);
+    /// zero turns re-planning off.
+    pub replan_check: Duration,
+    /// Whether the process behind a run id is known to be gone (an earlier life of a daemon on
+    /// this host). Its leases are taken at once instead of after `lease_time`, so a restarted
+    /// daemon resumes without waiting for its own old leases to expire.
+    pub owner_gone: fn(&str) -> bool,
 }
 
 impl EngineSettings {
@@ -84,6 +96,10 @@ impl EngineSettings {
             breaker: BreakerSettings::default(),
             max_point_amount: 1_000_000,
             expiry_offset: FixedOffset::east_opt(9 * 3600).unwrap_or(Utc.fix()),
+            lease_time: Duration::from_secs(15),
+            lease_check: Duration::from_secs(1),
+            replan_check: Duration::from_secs(30),
+            owner_gone: |_| false,
         }
     }
 }
@@ -225,6 +241,9 @@ struct Job {
     /// Which attempt of the row's current retry budget this is.
     budget_attempt: i32,
     outcomes: mpsc::UnboundedSender<RowOutcome>,
+    /// Cancelled when this instance stops serving the row's partition (lease given up or lost,
+    /// or the gate closed): the request is then released instead of sent.
+    stop: CancellationToken,
 }
 
 impl Job {
@@ -250,6 +269,9 @@ pub struct Engine {
     run_id: String,
     /// Probe claims made so far (for unique claim tokens).
     probes: AtomicU64,
+    /// `money.rate_limit_per_sec` for all instances together; this process's limiter gets the
+    /// share that follows the partitions it holds.
+    global_limit: std::num::NonZeroU32,
 }
 
 fn lock_breaker(b: &Mutex<Breaker>) -> std::sync::MutexGuard<'_, Breaker> {
@@ -271,7 +293,9 @@ impl Engine {
         // Claim tokens start with the instance id and a nonce of this process's life, so two
         // runs of a daemon (a pid reused after a restart) never share one.
         let run_id = format!("{}#{:08x}", settings.instance_id, rand::rng().random::<u32>());
+        let global_limit = limiter.limit_per_sec();
         Engine {
+            global_limit,
             pool,
             kinds,
             money,
@@ -290,6 +314,11 @@ impl Engine {
 
     pub fn settings(&self) -> &EngineSettings {
         &self.settings
+    }
+
+    /// `<instance>#<nonce>`: this process in claim tokens, `daemon_instances` and leases.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
     }
 
     /// Serves the queue published by campaign discovery until `shutdown`.
@@ -344,6 +373,12 @@ impl Engine {
                     }
                 }
             }
+        }
+        // Leave at once, so other instances take this one's share without waiting for expiry.
+        if let Ok(mut c) = conn(&self.pool).await
+            && let Err(e) = lease::deregister(&mut c, &self.run_id).await
+        {
+            warn!(error = %e, "cannot deregister this instance; its leases expire by themselves");
         }
     }
 
@@ -598,9 +633,6 @@ impl Engine {
         info!(campaign.id = %id, partitions = plan.len(), "serving campaign");
 
         let gate = Gate::new();
-        let outstanding = Arc::new(AtomicUsize::new(0));
-        let idle: Arc<Vec<AtomicBool>> =
-            Arc::new(plan.iter().map(|_| AtomicBool::new(false)).collect());
         // Outcome commits may outlive the gate (they must land) but not the drain deadline.
         let give_up = CancellationToken::new();
 
@@ -614,40 +646,6 @@ impl Engine {
         ));
 
         let (job_tx, job_rx) = mpsc::channel::<Job>(self.settings.max_in_flight.max(64) * 2);
-        let mut workers = JoinSet::new();
-        let mut writers = JoinSet::new();
-        for (i, slice) in plan.iter().copied().enumerate() {
-            let (out_tx, out_rx) = mpsc::unbounded_channel();
-            let writer = Writer {
-                pool: self.pool.clone(),
-                kind: kind.clone(),
-                campaign: id,
-                shard: slice.partition_no as i16,
-                flush_interval: self.settings.flush_interval,
-                flush_rows: self.settings.flush_rows,
-                outstanding: outstanding.clone(),
-                stats: self.stats.clone(),
-                give_up: give_up.clone(),
-            };
-            writers.spawn(writer.run(out_rx).instrument(info_span!("writer", partition = i)));
-            let worker = Worker {
-                pool: self.pool.clone(),
-                kind: kind.clone(),
-                campaign: id,
-                slice,
-                settings: self.settings.clone(),
-                owner: format!("{}/p{}", self.run_id, slice.partition_no),
-                claims: AtomicU64::new(0),
-                jobs: job_tx.clone(),
-                outcomes: out_tx,
-                gate: gate.clone(),
-                outstanding: outstanding.clone(),
-                idle: idle.clone(),
-                index: i,
-            };
-            workers.spawn(worker.run().instrument(info_span!("worker", partition = i)));
-        }
-        drop(job_tx);
         let dispatcher = Dispatcher {
             money: self.money.clone(),
             limiter: self.limiter.clone(),
@@ -660,20 +658,44 @@ impl Engine {
         };
         let dispatch = tokio::spawn(dispatcher.run(job_rx).in_current_span());
 
-        // Watch for completion while the gate is open.
+        let mut held = Held {
+            kind: kind.clone(),
+            campaign: id,
+            plan,
+            parts: std::collections::BTreeMap::new(),
+            jobs: Some(job_tx),
+            gate: gate.clone(),
+            give_up: give_up.clone(),
+            last_replan_check: Instant::now(),
+            actor: actor.clone(),
+            last_done: (
+                Instant::now(),
+                self.stats.granted.load(Ordering::Relaxed)
+                    + self.stats.dead.load(Ordering::Relaxed),
+            ),
+        };
+
+        // Take partitions at once, then keep leases renewed and shares balanced; watch for
+        // completion while the gate is open.
+        let mut lease_tick = tokio::time::interval(self.settings.lease_check);
+        lease_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tick = tokio::time::interval(self.settings.idle_poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = gate.token.cancelled() => break,
+                _ = lease_tick.tick() => {
+                    if let Err(e) = self.lease_step(&mut held).await {
+                        warn!(campaign.id = %id, error = %e, "cannot renew or balance partition leases; retrying");
+                    }
+                    if held.serving() == 0 {
+                        // Nothing held here: another instance may have finished the last rows.
+                        self.complete_check(&held, &gate, &actor).await;
+                    }
+                }
                 _ = tick.tick() => {
-                    let all_idle = idle.iter().all(|f| f.load(Ordering::SeqCst));
-                    if all_idle && outstanding.load(Ordering::SeqCst) == 0 {
-                        match self.try_complete(kind.table(), id, &actor).await {
-                            Ok(true) => gate.close(StopReason::Completed),
-                            Ok(false) => {}
-                            Err(e) => warn!(campaign.id = %id, error = %e, "completion check failed"),
-                        }
+                    if held.serving() > 0 && held.all_idle() {
+                        self.complete_check(&held, &gate, &actor).await;
                     }
                 }
             }
@@ -682,7 +704,15 @@ impl Engine {
         // Drain: workers stop claiming and release what they hold, the dispatcher releases what
         // is queued and waits for requests in flight, writers commit everything.
         let drain_started = Instant::now();
-        while workers.join_next().await.is_some() {}
+        held.jobs = None;
+        for part in held.parts.values() {
+            part.stop.cancel();
+        }
+        for part in held.parts.values_mut() {
+            if let Some(w) = part.worker.take() {
+                let _ = w.await;
+            }
+        }
         if let Err(e) = dispatch.await {
             error!(campaign.id = %id, error = %e, "dispatcher task failed");
         }
@@ -692,13 +722,18 @@ impl Engine {
         let watchdog = tokio::spawn(async move {
             // While the process keeps running, writers keep retrying; on shutdown they get
             // `drain_timeout` to commit before giving up (rows stay IN_FLIGHT and are recovered
-            // with the same idempotency key at the next start).
+            // with the same idempotency key by whoever takes the partition next).
             shutdown_for_writers.cancelled().await;
             tokio::time::sleep(deadline).await;
             give_up_guard.cancel();
         });
-        while writers.join_next().await.is_some() {}
+        for part in held.parts.values_mut() {
+            if let Some(w) = part.writer.take() {
+                let _ = w.await;
+            }
+        }
         watchdog.abort();
+        self.leave_campaign(&mut held).await;
         tasks.abort_all();
         let reason = gate.reason();
         debug!(campaign.id = %id, drain_ms = drain_started.elapsed().as_millis() as u64, "drained");
@@ -768,7 +803,8 @@ impl Engine {
         }
     }
 
-    /// Confirms the campaign is RUNNING, stores its plan and recovers rows left IN_FLIGHT.
+    /// Confirms the campaign is RUNNING and stores its plan (rows left IN_FLIGHT are recovered
+    /// per partition, by whoever acquires its lease).
     async fn prepare_run(
         &self,
         id: CampaignId,
@@ -781,13 +817,6 @@ impl Engine {
         }
         let plan = repo::ensure_plan(&mut c, kind.table(), id, self.settings.partition_rule, actor)
             .await?;
-        let mut recovered = 0;
-        for slice in &plan {
-            recovered += repo::recover_in_flight(&mut c, kind.table(), id, slice).await?;
-        }
-        if recovered > 0 {
-            warn!(campaign.id = %id, rows = recovered, "rows left IN_FLIGHT by an earlier run go back to PENDING; they are resent with their idempotency keys");
-        }
         repo::mark_started(&mut c, id).await?;
         Ok(Some(plan))
     }
@@ -800,6 +829,379 @@ impl Engine {
     ) -> Result<bool, DbError> {
         let mut c = conn(&self.pool).await?;
         Ok(repo::complete_if_done(&mut c, table, id, actor).await?)
+    }
+
+    /// Marks the campaign COMPLETED if no row is left to do (in any instance's partitions).
+    async fn complete_check(&self, held: &Held, gate: &Gate, actor: &str) {
+        match self.try_complete(held.kind.table(), held.campaign, actor).await {
+            Ok(true) => gate.close(StopReason::Completed),
+            Ok(false) => {}
+            Err(e) => warn!(campaign.id = %held.campaign, error = %e, "completion check failed"),
+        }
+    }
+
+    /// One round of lease keeping, every `lease_check`:
+    ///
+    /// 1. partitions given up and drained are released, so another instance takes them at once;
+    /// 2. the leases still held are renewed; one renewed by nobody (taken over after this
+    ///    instance failed to renew in time) stops at once;
+    /// 3. a pending re-plan makes every instance give up its partitions, and the last one to do
+    ///    so swaps the plan; otherwise the fair share is recomputed from the live participants,
+    ///    partitions beyond it are given up and free or expired ones taken up to it (a taken
+    ///    partition's rows left IN_FLIGHT go back to PENDING first);
+    /// 4. the rate limiter gets this instance's share of the global limit, which follows the
+    ///    partitions it serves, lowered before a partition is given up and raised after one is
+    ///    taken, so the instances' shares never add up to more than the limit;
+    /// 5. the heartbeat says which campaign this instance serves at what rate.
+    async fn lease_step(&self, held: &mut Held) -> Result<(), DbError> {
+        let id = held.campaign;
+        let lease_time = self.settings.lease_time;
+        let mut c = conn(&self.pool).await?;
+        let done =
+            self.stats.granted.load(Ordering::Relaxed) + self.stats.dead.load(Ordering::Relaxed);
+        let (then, done_then) = std::mem::replace(&mut held.last_done, (Instant::now(), done));
+        let secs = then.elapsed().as_secs_f64();
+        let rows_per_sec = (secs > 0.0).then(|| done.saturating_sub(done_then) as f64 / secs);
+        lease::heartbeat(
+            &mut c,
+            &self.run_id,
+            &self.settings.instance_id,
+            Some(id),
+            lease_time,
+            f64::from(self.limiter.limit_per_sec().get()),
+            rows_per_sec,
+        )
+        .await?;
+
+        // 1. Given up and drained: release.
+        let drained: Vec<u16> = held
+            .parts
+            .iter()
+            .filter(|(_, p)| p.state == PartState::Shedding && p.drained())
+            .map(|(n, _)| *n)
+            .collect();
+        for n in drained {
+            lease::release(&mut c, id, &self.run_id, n).await?;
+            held.parts.remove(&n);
+            info!(campaign.id = %id, partition = n, "partition handed back");
+        }
+        // Lost partitions are forgotten once drained (their lease is someone else's).
+        held.parts.retain(|_, p| !(p.state == PartState::Lost && p.drained()));
+
+        // 2. Renew.
+        let mine: Vec<u16> = held
+            .parts
+            .iter()
+            .filter(|(_, p)| p.state != PartState::Lost)
+            .map(|(n, _)| *n)
+            .collect();
+        let renewed = lease::renew(&mut c, id, &self.run_id, &mine, lease_time).await?;
+        for n in mine.iter().filter(|n| !renewed.contains(n)) {
+            if let Some(part) = held.parts.get_mut(n) {
+                error!(campaign.id = %id, partition = n, "partition lease lost (not renewed in time and taken over): stopping its sends at once");
+                part.state = PartState::Lost;
+                part.stop.cancel();
+            }
+        }
+
+        // 3. Re-plan or balance.
+        if lease::pending_replan(&mut c, id).await?.is_some() {
+            for (n, part) in held.parts.iter_mut() {
+                if part.state == PartState::Serving {
+                    info!(campaign.id = %id, partition = n, "re-plan pending: giving the partition up");
+                    part.state = PartState::Shedding;
+                    part.stop.cancel();
+                }
+            }
+            self.apply_share(held);
+            if held.parts.is_empty()
+                && let Some(plan) = lease::apply_replan(&mut c, id, &held.actor).await?
+            {
+                info!(campaign.id = %id, partitions = plan.len(), "campaign re-planned");
+                held.plan = plan;
+            } else if held.parts.is_empty() {
+                // Swapped by another instance meanwhile: read the new plan.
+                let fresh = lease::leases(&mut c, id).await?;
+                if !fresh.is_empty() && fresh.len() != held.plan.len() {
+                    held.plan = fresh.iter().map(|l| l.slice).collect();
+                }
+            }
+        } else {
+            let mut views = lease::leases(&mut c, id).await?;
+            let mut participants = lease::participants(&mut c, id).await?;
+            let gone: std::collections::BTreeSet<String> = views
+                .iter()
+                .filter_map(|v| v.owner.clone())
+                .chain(participants.iter().cloned())
+                .filter(|o| o != &self.run_id && (self.settings.owner_gone)(o))
+                .collect();
+            if !gone.is_empty() {
+                for owner in &gone {
+                    warn!(campaign.id = %id, owner = %owner, "an earlier daemon process on this host is gone: taking its partitions now");
+                    lease::deregister(&mut c, owner).await?;
+                }
+                views = lease::leases(&mut c, id).await?;
+                participants = lease::participants(&mut c, id).await?;
+            }
+            if !views.is_empty() && views.iter().any(|v| !held.plan.contains(&v.slice)) {
+                // Another instance applied a re-plan.
+                held.plan = views.iter().map(|v| v.slice).collect();
+            }
+            let serving: Vec<LeaseView> = views
+                .into_iter()
+                .map(|mut v| {
+                    // Partitions being given up or lost are not ours to count.
+                    if held
+                        .parts
+                        .get(&v.partition_no)
+                        .is_some_and(|p| p.state != PartState::Serving)
+                        && v.owner.as_deref() == Some(self.run_id.as_str())
+                    {
+                        v.owner = Some(format!("{}~leaving", self.run_id));
+                    }
+                    v
+                })
+                .collect();
+            let plan =
+                lease::plan_balance(&serving, &participants, &self.run_id, held.plan.len() as u16);
+            for n in &plan.shed {
+                if let Some(part) = held.parts.get_mut(n) {
+                    info!(campaign.id = %id, partition = n, share = plan.target, instances = plan.participants, "more than a fair share: giving the partition up");
+                    part.state = PartState::Shedding;
+                    part.stop.cancel();
+                }
+            }
+            // Lower the share before anything is taken.
+            self.apply_share(held);
+            let mut serving_now = held.serving();
+            for n in plan.candidates {
+                if serving_now >= usize::from(plan.target) || held.gate.is_closed() {
+                    break;
+                }
+                if held.parts.contains_key(&n) {
+                    continue;
+                }
+                let Some(slice) = held.plan.iter().find(|s| s.partition_no == n).copied() else {
+                    continue;
+                };
+                let Some(previous) =
+                    lease::try_acquire(&mut c, id, &self.run_id, &slice, lease_time).await?
+                else {
+                    continue;
+                };
+                let recovered =
+                    repo::recover_in_flight(&mut c, held.kind.table(), id, &slice).await?;
+                match previous {
+                    Some(prev) => {
+                        warn!(campaign.id = %id, partition = n, previous_owner = %prev, recovered, "took over a partition whose lease ran out; its rows left IN_FLIGHT are resent with their idempotency keys")
+                    }
+                    None if recovered > 0 => {
+                        warn!(campaign.id = %id, partition = n, recovered, "rows left IN_FLIGHT by an earlier run go back to PENDING; they are resent with their idempotency keys")
+                    }
+                    None => info!(campaign.id = %id, partition = n, "partition taken"),
+                }
+                self.start_partition(held, slice);
+                serving_now += 1;
+                self.apply_share(held);
+            }
+        }
+        self.maybe_replan(&mut c, held).await;
+        Ok(())
+    }
+
+    /// This instance's share of the global limit: `limit × serving / partitions`, at least 1.
+    fn apply_share(&self, held: &Held) {
+        let partitions = held.plan.len().max(1) as u64;
+        let share = u64::from(self.global_limit.get()) * held.serving() as u64 / partitions;
+        let share = std::num::NonZeroU32::new(u32::try_from(share.max(1)).unwrap_or(u32::MAX))
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        if self.limiter.limit_per_sec() != share {
+            info!(campaign.id = %held.campaign, limit_per_sec = share.get(), partitions = held.serving(), of = partitions, "rate share");
+            self.limiter.set_limit(share);
+        }
+    }
+
+    /// The first participant (by run id) checks the remaining row count every `replan_check`
+    /// and asks for a re-plan when the partition rule gives another count for it.
+    async fn maybe_replan(&self, c: &mut diesel_async::AsyncMysqlConnection, held: &mut Held) {
+        let every = self.settings.replan_check;
+        if every.is_zero() || held.last_replan_check.elapsed() < every {
+            return;
+        }
+        held.last_replan_check = Instant::now();
+        let first = match lease::participants(c, held.campaign).await {
+            Ok(p) => p.first().is_none_or(|f| f == &self.run_id),
+            Err(_) => false,
+        };
+        if !first {
+            return;
+        }
+        let remaining = match lease::remaining_rows(c, held.kind.table(), held.campaign).await {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(campaign.id = %held.campaign, error = %e, "cannot count the remaining rows");
+                return;
+            }
+        };
+        let current = held.plan.len() as u16;
+        if let Some(to) = lease::replan_decision(
+            current,
+            remaining,
+            self.settings.partition_rule,
+            REPLAN_HYSTERESIS,
+        ) {
+            match lease::request_replan(c, held.campaign, to, &held.actor).await {
+                Ok(true) => {
+                    info!(campaign.id = %held.campaign, remaining, from = current, to, "re-plan requested")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(campaign.id = %held.campaign, error = %e, "cannot request a re-plan")
+                }
+            }
+        }
+    }
+
+    /// Starts serving a partition whose lease this instance just took.
+    fn start_partition(&self, held: &mut Held, slice: PartitionSlice) {
+        let Some(jobs) = held.jobs.clone() else { return };
+        let stop = held.gate.token.child_token();
+        let idle = Arc::new(AtomicBool::new(false));
+        let outstanding = Arc::new(AtomicUsize::new(0));
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let n = slice.partition_no;
+        let writer = Writer {
+            pool: self.pool.clone(),
+            kind: held.kind.clone(),
+            campaign: held.campaign,
+            shard: n as i16,
+            flush_interval: self.settings.flush_interval,
+            flush_rows: self.settings.flush_rows,
+            outstanding: outstanding.clone(),
+            stats: self.stats.clone(),
+            give_up: held.give_up.clone(),
+        };
+        let writer =
+            tokio::spawn(writer.run(out_rx).instrument(info_span!("writer", partition = n)));
+        let worker = Worker {
+            pool: self.pool.clone(),
+            kind: held.kind.clone(),
+            campaign: held.campaign,
+            slice,
+            settings: self.settings.clone(),
+            owner: format!("{}/p{}", self.run_id, n),
+            claims: AtomicU64::new(0),
+            jobs,
+            outcomes: out_tx,
+            stop: stop.clone(),
+            outstanding: outstanding.clone(),
+            idle: idle.clone(),
+            cursor: Mutex::new(repo::ClaimCursor::start()),
+            rescanned: Mutex::new(Instant::now()),
+        };
+        let worker = tokio::spawn(worker.run().instrument(info_span!("worker", partition = n)));
+        held.parts.insert(
+            n,
+            PartRun {
+                state: PartState::Serving,
+                stop,
+                idle,
+                outstanding,
+                worker: Some(worker),
+                writer: Some(writer),
+            },
+        );
+    }
+
+    /// After a run: gives back every lease still held (another instance can take them at once)
+    /// and says this instance serves no campaign.
+    async fn leave_campaign(&self, held: &mut Held) {
+        let Ok(mut c) = conn(&self.pool).await else {
+            warn!(campaign.id = %held.campaign, "cannot reach the database to hand the partitions back; their leases expire by themselves");
+            return;
+        };
+        for (n, part) in &held.parts {
+            if part.state != PartState::Lost
+                && let Err(e) = lease::release(&mut c, held.campaign, &self.run_id, *n).await
+            {
+                warn!(campaign.id = %held.campaign, partition = n, error = %e, "cannot hand the partition back; its lease expires by itself");
+            }
+        }
+        held.parts.clear();
+        let _ = lease::heartbeat(
+            &mut c,
+            &self.run_id,
+            &self.settings.instance_id,
+            None,
+            self.settings.lease_time,
+            0.0,
+            None,
+        )
+        .await;
+    }
+}
+
+/// How far past a partition-rule threshold the remaining row count must be before a re-plan.
+const REPLAN_HYSTERESIS: f64 = 0.05;
+
+/// What this instance does with one partition of the campaign it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PartState {
+    /// Held and served.
+    Serving,
+    /// Being given up: no new request is sent; the lease is released once drained.
+    Shedding,
+    /// The lease was taken over: no new request is sent; nothing to release.
+    Lost,
+}
+
+struct PartRun {
+    state: PartState,
+    /// Stops the worker claiming and the dispatcher sending this partition's requests.
+    stop: CancellationToken,
+    idle: Arc<AtomicBool>,
+    /// Rows claimed and not yet committed.
+    outstanding: Arc<AtomicUsize>,
+    worker: Option<tokio::task::JoinHandle<()>>,
+    writer: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl PartRun {
+    /// Nothing claimed is left uncommitted and the worker has stopped.
+    fn drained(&self) -> bool {
+        self.outstanding.load(Ordering::SeqCst) == 0
+            && self.worker.as_ref().is_none_or(|w| w.is_finished())
+    }
+}
+
+/// The partitions this instance serves for one campaign run.
+struct Held {
+    kind: Arc<dyn ErasedKind>,
+    campaign: CampaignId,
+    /// The campaign's stored plan (all partitions, held here or not).
+    plan: Vec<PartitionSlice>,
+    parts: std::collections::BTreeMap<u16, PartRun>,
+    /// Where workers queue requests; dropped to end the dispatcher.
+    jobs: Option<mpsc::Sender<Job>>,
+    gate: Gate,
+    give_up: CancellationToken,
+    last_replan_check: Instant,
+    actor: String,
+    /// Rows this process had finished at the last lease step (for its rate in the heartbeat).
+    last_done: (Instant, u64),
+}
+
+impl Held {
+    fn serving(&self) -> usize {
+        self.parts.values().filter(|p| p.state == PartState::Serving).count()
+    }
+
+    /// Every partition served here found nothing to claim last time, and nothing is in flight.
+    fn all_idle(&self) -> bool {
+        self.parts.values().all(|p| {
+            p.state != PartState::Serving
+                || (p.idle.load(Ordering::SeqCst) && p.outstanding.load(Ordering::SeqCst) == 0)
+        }) && self.parts.values().all(|p| p.outstanding.load(Ordering::SeqCst) == 0)
     }
 }
 
@@ -858,23 +1260,34 @@ struct Worker {
     claims: AtomicU64,
     jobs: mpsc::Sender<Job>,
     outcomes: mpsc::UnboundedSender<RowOutcome>,
-    gate: Gate,
+    /// Cancelled when the gate closes or this instance stops serving the partition.
+    stop: CancellationToken,
+    /// Rows of this partition claimed and not yet committed.
     outstanding: Arc<AtomicUsize>,
-    idle: Arc<Vec<AtomicBool>>,
-    index: usize,
+    /// The last claim found nothing.
+    idle: Arc<AtomicBool>,
+    /// Where the next claim starts.
+    cursor: Mutex<repo::ClaimCursor>,
+    /// When a claim last started from the beginning of the partition.
+    rescanned: Mutex<Instant>,
 }
+
+/// The longest a worker claims onwards from its cursor before starting over from the beginning
+/// of its partition, so rows that became PENDING again behind the cursor (a retry swept back, a
+/// released row) wait at most about this long.
+const RESCAN_EVERY: Duration = Duration::from_secs(5);
 
 impl Worker {
     async fn run(self) {
         let mut failures: u32 = 0;
-        while !self.gate.is_closed() {
+        while !self.stop.is_cancelled() {
             match self.step().await {
                 Ok(0) => {
                     failures = 0;
-                    self.idle[self.index].store(true, Ordering::SeqCst);
+                    self.idle.store(true, Ordering::SeqCst);
                     tokio::select! {
                         _ = tokio::time::sleep(self.settings.idle_poll) => {}
-                        _ = self.gate.token.cancelled() => {}
+                        _ = self.stop.cancelled() => {}
                     }
                 }
                 Ok(_) => failures = 0,
@@ -886,7 +1299,7 @@ impl Worker {
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
-                        _ = self.gate.token.cancelled() => {}
+                        _ = self.stop.cancelled() => {}
                     }
                 }
             }
@@ -897,6 +1310,15 @@ impl Worker {
     async fn step(&self) -> Result<usize, DbError> {
         let (claimed, prepared) = {
             let mut c = conn(&self.pool).await?;
+            let mut cursor = self.cursor.lock().map(|g| *g).unwrap_or_default();
+            if self.rescanned.lock().map(|t| t.elapsed() >= RESCAN_EVERY).unwrap_or(true) {
+                cursor = repo::ClaimCursor::start();
+            }
+            if cursor.at_start()
+                && let Ok(mut t) = self.rescanned.lock()
+            {
+                *t = Instant::now();
+            }
             let claimed = claim_with_retry(
                 &mut c,
                 self.kind.table(),
@@ -904,12 +1326,18 @@ impl Worker {
                 &self.slice,
                 self.settings.batch_size,
                 &self.next_token(),
+                &mut cursor,
             )
-            .await?;
+            .await;
+            if let Ok(mut g) = self.cursor.lock() {
+                // A failed claim starts over next time.
+                *g = if claimed.is_ok() { cursor } else { repo::ClaimCursor::start() };
+            }
+            let claimed = claimed?;
             if claimed.is_empty() {
                 return Ok(0);
             }
-            self.idle[self.index].store(false, Ordering::SeqCst);
+            self.idle.store(false, Ordering::SeqCst);
             self.outstanding.fetch_add(claimed.len(), Ordering::SeqCst);
             let ids: Vec<TargetId> = claimed.iter().map(|c| c.target).collect();
             let ctx = ValidationContext {
@@ -948,8 +1376,9 @@ impl Worker {
                         claim: claim.clone(),
                         budget_attempt,
                         outcomes: self.outcomes.clone(),
+                        stop: self.stop.clone(),
                     };
-                    if self.gate.is_closed() {
+                    if self.stop.is_cancelled() {
                         job.release();
                         continue;
                     }
@@ -959,7 +1388,7 @@ impl Worker {
                                 job.release();
                             }
                         }
-                        _ = self.gate.token.cancelled() => {
+                        _ = self.stop.cancelled() => {
                             self.emit(p.target, claim, Outcome::Released);
                         }
                     }
@@ -985,6 +1414,8 @@ impl Worker {
     }
 }
 
+/// Claims the next batch from the worker's cursor; an empty claim that did not start at the
+/// beginning of the partition starts over once (rows may have come back behind the cursor).
 async fn claim_with_retry(
     c: &mut diesel_async::AsyncMysqlConnection,
     table: &str,
@@ -992,10 +1423,13 @@ async fn claim_with_retry(
     slice: &PartitionSlice,
     limit: u32,
     token: &repo::ClaimToken,
+    cursor: &mut repo::ClaimCursor,
 ) -> Result<Vec<repo::Claimed>, DbError> {
     let mut tries = 0;
     loop {
-        match repo::claim(c, table, campaign, slice, limit, token).await {
+        let from_start = cursor.at_start();
+        match repo::claim(c, table, campaign, slice, limit, token, cursor).await {
+            Ok(v) if v.is_empty() && !from_start => continue,
             Ok(v) => return Ok(v),
             Err(e) => {
                 let e = DbError::from(e);
@@ -1024,7 +1458,7 @@ struct Dispatcher {
 impl Dispatcher {
     async fn run(self, mut jobs: mpsc::Receiver<Job>) {
         while let Some(job) = jobs.recv().await {
-            if self.gate.is_closed() {
+            if self.gate.is_closed() || job.stop.is_cancelled() {
                 job.release();
                 continue;
             }
@@ -1040,8 +1474,8 @@ impl Dispatcher {
                 _ = self.limiter.acquire() => {}
                 _ = self.gate.token.cancelled() => { job.release(); continue; }
             }
-            // The gate, checked right before the request leaves.
-            if self.gate.is_closed() {
+            // The gate and the partition's lease, checked right before the request leaves.
+            if self.gate.is_closed() || job.stop.is_cancelled() {
                 job.release();
                 continue;
             }

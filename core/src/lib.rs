@@ -11,6 +11,7 @@ pub mod dead_letters;
 pub mod domain;
 pub mod engine;
 pub mod kind;
+pub mod lease;
 pub mod money;
 pub mod plan;
 pub mod rate;

@@ -143,12 +143,20 @@ impl RateLimiter {
         self.current().pacing
     }
 
-    /// Changes the limit; permits already granted stay granted, the new pacing starts afresh.
+    /// Changes the limit (an instance's share of the global limit follows the partitions it
+    /// holds). The send log carries over, so the new limit counts the sends already made in the
+    /// current window: lowering the limit holds sends back until the window has room, and no
+    /// change ever lets a burst through.
     pub fn set_limit(&self, limit_per_sec: NonZeroU32) {
-        if self.current().limit == limit_per_sec {
+        let previous = self.current();
+        if previous.limit == limit_per_sec {
             return;
         }
-        let next = Arc::new(Current::new(limit_per_sec, self.slack));
+        let next = Current::new(limit_per_sec, self.slack);
+        if let (Ok(old), Ok(mut new)) = (previous.window.sends.lock(), next.window.sends.lock()) {
+            new.extend(old.iter().copied());
+        }
+        let next = Arc::new(next);
         match self.inner.write() {
             Ok(mut g) => *g = next,
             Err(poisoned) => *poisoned.into_inner() = next,
@@ -208,6 +216,19 @@ mod tests {
         assert_eq!(w.try_admit(ms(999)), Err(Duration::from_millis(1)));
         assert_eq!(w.try_admit(ms(1000)), Ok(()));
         assert_eq!(w.try_admit(ms(1005)), Err(Duration::from_millis(5)));
+    }
+
+    #[tokio::test]
+    async fn a_lowered_limit_counts_the_sends_already_made() {
+        let limiter = RateLimiter::new(nz(1000), Duration::ZERO);
+        for _ in 0..100 {
+            limiter.admit().await;
+        }
+        limiter.set_limit(nz(100));
+        let start = std::time::Instant::now();
+        limiter.admit().await;
+        // The window already holds 100 sends: the next one waits for the oldest to age out.
+        assert!(start.elapsed() >= Duration::from_millis(900), "{:?}", start.elapsed());
     }
 
     #[tokio::test]

@@ -537,14 +537,42 @@ impl Claimed {
 struct ClaimRow {
     #[diesel(sql_type = BigInt)]
     id: i64,
+    #[diesel(sql_type = SmallInt)]
+    bucket: i16,
     #[diesel(sql_type = Integer)]
     attempts: i32,
     #[diesel(sql_type = Integer)]
     retry_base: i32,
 }
 
-/// Claims up to `limit` PENDING rows of one partition: locks their ids (`SKIP LOCKED`) and marks
-/// them IN_FLIGHT under the claim's `token`, in one short transaction.
+/// Where a partition's next claim starts: after this `(bucket, id)` in claim-index order.
+///
+/// Claiming from the start of the partition's range every time makes each claim step over the
+/// index entries of every row claimed before it (InnoDB only delete-marks the old `PENDING`
+/// entries and purges them later), so claims slow down as a partition drains. A claim that
+/// starts after the last row of the previous one does not. Rows that become `PENDING` again
+/// behind the cursor (released, swept back for a retry, requeued) are found when the cursor
+/// starts over: after a short batch, and at least every few seconds (the caller decides).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClaimCursor {
+    after: Option<(i16, i64)>,
+}
+
+impl ClaimCursor {
+    /// A cursor at the start of the partition.
+    pub fn start() -> ClaimCursor {
+        ClaimCursor::default()
+    }
+
+    pub fn at_start(&self) -> bool {
+        self.after.is_none()
+    }
+}
+
+/// Claims up to `limit` PENDING rows of one partition, in claim-index order from `cursor`:
+/// locks their ids (`SKIP LOCKED`) and marks them IN_FLIGHT under the claim's `token`, in one
+/// short transaction. Moves the cursor past the claimed rows, or back to the start when the
+/// claim found fewer than `limit` rows (the end of the partition).
 pub async fn claim(
     conn: &mut AsyncMysqlConnection,
     table: &str,
@@ -552,44 +580,60 @@ pub async fn claim(
     slice: &PartitionSlice,
     limit: u32,
     token: &ClaimToken,
+    cursor: &mut ClaimCursor,
 ) -> QResult<Vec<Claimed>> {
-    conn.transaction(async |c| {
-        let rows: Vec<ClaimRow> = diesel::sql_query(format!(
-            "SELECT id, attempts, retry_base FROM {table} \
-             WHERE event_id = ? AND status = 'PENDING' AND bucket >= ? AND bucket < ? \
-             LIMIT ? FOR UPDATE SKIP LOCKED"
-        ))
-        .bind::<BigInt, _>(id.0)
-        .bind::<SmallInt, _>(slice.bucket_lo as i16)
-        .bind::<SmallInt, _>(slice.bucket_hi as i16)
-        .bind::<BigInt, _>(i64::from(limit))
-        .load(c)
+    // From the start: after (bucket_lo, id 0); ids start at 1. The index is forced: when the
+    // partition holds much of the table, the optimizer prefers a table scan and a sort for the
+    // ORDER BY, and a locking table scan briefly locks every other partition's rows, which
+    // their concurrent SKIP LOCKED claims then skip (seen: a claim coming back empty with
+    // thousands of rows PENDING).
+    let (after_bucket, after_id) = cursor.after.unwrap_or((slice.bucket_lo as i16, 0));
+    let rows: Vec<ClaimRow> = conn
+        .transaction(async |c| {
+            let rows: Vec<ClaimRow> = diesel::sql_query(format!(
+                "SELECT id, bucket, attempts, retry_base FROM {table} FORCE INDEX (ix_{table}_claim) \
+                 WHERE event_id = ? AND status = 'PENDING' AND bucket < ? \
+                 AND (bucket > ? OR (bucket = ? AND id > ?)) \
+                 ORDER BY bucket, id LIMIT ? FOR UPDATE SKIP LOCKED"
+            ))
+            .bind::<BigInt, _>(id.0)
+            .bind::<SmallInt, _>(slice.bucket_hi as i16)
+            .bind::<SmallInt, _>(after_bucket)
+            .bind::<SmallInt, _>(after_bucket)
+            .bind::<BigInt, _>(after_id)
+            .bind::<BigInt, _>(i64::from(limit))
+            .load(c)
+            .await?;
+            if rows.is_empty() {
+                return Ok::<_, diesel::result::Error>(rows);
+            }
+            let sql = format!(
+                "UPDATE {table} SET status = 'IN_FLIGHT', claimed_by = ?, updated_at = NOW(3) \
+                 WHERE id IN ({})",
+                placeholders(rows.len())
+            );
+            let mut q: BoxedSqlQuery<'_, Mysql, _> = diesel::sql_query(sql).into_boxed();
+            q = q.bind::<Text, _>(token.to_string());
+            for r in &rows {
+                q = q.bind::<BigInt, _>(r.id);
+            }
+            q.execute(c).await?;
+            Ok::<_, diesel::result::Error>(rows)
+        })
         .await?;
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        let sql = format!(
-            "UPDATE {table} SET status = 'IN_FLIGHT', claimed_by = ?, updated_at = NOW(3) \
-             WHERE id IN ({})",
-            placeholders(rows.len())
-        );
-        let mut q: BoxedSqlQuery<'_, Mysql, _> = diesel::sql_query(sql).into_boxed();
-        q = q.bind::<Text, _>(token.to_string());
-        for r in &rows {
-            q = q.bind::<BigInt, _>(r.id);
-        }
-        q.execute(c).await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| Claimed {
-                target: TargetId(r.id),
-                claim: token.clone(),
-                attempts: r.attempts,
-                retry_base: r.retry_base,
-            })
-            .collect())
-    })
-    .await
+    cursor.after = match rows.last() {
+        Some(last) if rows.len() >= limit as usize => Some((last.bucket, last.id)),
+        _ => None,
+    };
+    Ok(rows
+        .into_iter()
+        .map(|r| Claimed {
+            target: TargetId(r.id),
+            claim: token.clone(),
+            attempts: r.attempts,
+            retry_base: r.retry_base,
+        })
+        .collect())
 }
 
 /// Claims one row of a campaign for a breaker probe: PENDING, or FAILED whatever its retry time.
@@ -601,7 +645,7 @@ pub async fn claim_probe(
 ) -> QResult<Option<Claimed>> {
     conn.transaction(async |c| {
         let mut rows: Vec<ClaimRow> = diesel::sql_query(format!(
-            "SELECT id, attempts, retry_base FROM {table} \
+            "SELECT id, bucket, attempts, retry_base FROM {table} \
              WHERE event_id = ? AND status IN ('PENDING', 'FAILED') LIMIT 1 FOR UPDATE SKIP LOCKED"
         ))
         .bind::<BigInt, _>(id.0)

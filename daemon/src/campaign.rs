@@ -43,6 +43,9 @@ pub(crate) struct Progress {
     /// Seconds to go at the current rate (at the average rate when there is no current one).
     pub(crate) eta_secs: Option<f64>,
     pub(crate) partitions: Option<i16>,
+    /// Each partition of the stored plan: its bucket range, which daemon instance holds it, and
+    /// that instance's rate share and current rate.
+    pub(crate) holders: Vec<payout_core::lease::Holder>,
     pub(crate) started_at: Option<String>,
     pub(crate) completed_at: Option<String>,
 }
@@ -52,6 +55,7 @@ async fn progress(pool: &DbPool, row: CampaignRow) -> anyhow::Result<Progress> {
     let p = repo::progress(&mut c, row.id())
         .await?
         .with_context(|| format!("campaign {} does not exist", row.id))?;
+    let holders = payout_core::lease::holders(&mut c, row.id()).await?;
     let n = |v: i64| v.max(0) as u64;
     let counts: BTreeMap<&'static str, u64> = [
         (TargetStatus::Pending, n(p.pending)),
@@ -94,6 +98,7 @@ async fn progress(pool: &DbPool, row: CampaignRow) -> anyhow::Result<Progress> {
         rows_left,
         eta_secs,
         partitions: row.partition_count,
+        holders,
         started_at: fmt(row.started_at),
         completed_at: fmt(row.completed_at),
     })
@@ -161,6 +166,28 @@ fn print_progress(p: &Progress) {
     println!("  {} rows left, ETA {}", p.rows_left, eta(p.eta_secs));
     if let Some(n) = p.partitions {
         println!("  partitions {n}");
+    }
+    for h in &p.holders {
+        let holder = match (&h.owner, h.lease_expires_in_ms) {
+            (None, _) => "free".to_owned(),
+            (Some(o), Some(ms)) if ms <= 0 => {
+                format!("{o} (lease ran out {:.1} s ago)", -ms as f64 / 1000.0)
+            }
+            (Some(o), _) => {
+                let rate = |r: Option<f64>| {
+                    r.map(|r| format!("{r:.0}/s")).unwrap_or_else(|| "-".to_owned())
+                };
+                format!(
+                    "{o}: share {}, doing {}",
+                    rate(h.owner_rate_limit_per_sec),
+                    rate(h.owner_rows_per_sec)
+                )
+            }
+        };
+        println!(
+            "    partition {} (buckets {}..{}): {holder}",
+            h.partition_no, h.bucket_lo, h.bucket_hi
+        );
     }
 }
 

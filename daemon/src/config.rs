@@ -44,6 +44,10 @@
 //! | `executor.gate_poll` | `PAYOUTD_EXECUTOR__GATE_POLL` | `200ms` (above 0, at most 1s): how often campaign status is re-read |
 //! | `executor.flush_interval` | `PAYOUTD_EXECUTOR__FLUSH_INTERVAL` | `50ms` (above 0): how often results are written back |
 //! | `executor.drain_timeout` | `PAYOUTD_EXECUTOR__DRAIN_TIMEOUT` | `10s`: how long shutdown waits for requests in flight |
+//! | `executor.lease_time` | `PAYOUTD_EXECUTOR__LEASE_TIME` | `15s` (above `lease_check`): a partition lease not renewed this long is taken over by another instance |
+//! | `executor.lease_check` | `PAYOUTD_EXECUTOR__LEASE_CHECK` | `1s` (above 0): how often leases are renewed and partitions rebalanced between instances |
+//! | `executor.local_takeover` | `PAYOUTD_EXECUTOR__LOCAL_TAKEOVER` | `true`: take the leases of a daemon process of this host that is gone (checked in `/proc`) at once instead of after `lease_time`; turn off where daemons on one hostname do not share a pid namespace |
+//! | `executor.replan_check` | `PAYOUTD_EXECUTOR__REPLAN_CHECK` | `30s`: how often the remaining row count is checked against the 4/6/8 rule; `0s` turns re-planning off |
 //! | `payout.max_point_amount` | `PAYOUTD_PAYOUT__MAX_POINT_AMOUNT` | `1000000` (at least 1): largest `amount` of one point row |
 //! | `payout.expiry_utc_offset` | `PAYOUTD_PAYOUT__EXPIRY_UTC_OFFSET` | `"+09:00"` (`±HH:MM`): the offset `expiry_at` is written in |
 //! | `retry.base_delay` | `PAYOUTD_RETRY__BASE_DELAY` | `3s` (above 0): delay before the first retry |
@@ -148,6 +152,10 @@ pub(crate) struct ExecutorSettings {
     pub(crate) gate_poll: Duration,
     pub(crate) flush_interval: Duration,
     pub(crate) drain_timeout: Duration,
+    pub(crate) lease_time: Duration,
+    pub(crate) lease_check: Duration,
+    pub(crate) replan_check: Duration,
+    pub(crate) local_takeover: bool,
 }
 
 /// `[payout]`.
@@ -260,6 +268,10 @@ impl Default for ExecutorSettings {
             gate_poll: Duration::from_millis(200),
             flush_interval: Duration::from_millis(50),
             drain_timeout: Duration::from_secs(10),
+            lease_time: Duration::from_secs(15),
+            lease_check: Duration::from_secs(1),
+            replan_check: Duration::from_secs(30),
+            local_takeover: true,
         }
     }
 }
@@ -461,6 +473,10 @@ impl Settings {
         out.duration("gate_poll", e.gate_poll);
         out.duration("flush_interval", e.flush_interval);
         out.duration("drain_timeout", e.drain_timeout);
+        out.duration("lease_time", e.lease_time);
+        out.duration("lease_check", e.lease_check);
+        out.duration("replan_check", e.replan_check);
+        out.plain("local_takeover", e.local_takeover);
 
         let p = &self.payout;
         out.section("payout");
@@ -1023,6 +1039,13 @@ struct RawExecutor {
     flush_interval: Option<Duration>,
     #[serde(deserialize_with = "duration")]
     drain_timeout: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    lease_time: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    lease_check: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    replan_check: Option<Duration>,
+    local_takeover: Option<bool>,
 }
 
 #[derive(Default, Deserialize)]
@@ -1307,6 +1330,18 @@ impl Check<'_> {
                 format!("must be above executor.partitions_medium_from ({medium}), is {large}"),
             ));
         }
+        let lease_check = self.positive("executor.lease_check", raw.lease_check, d.lease_check)?;
+        let lease_time = raw.lease_time.unwrap_or(d.lease_time);
+        if lease_time <= lease_check {
+            return Err(self.invalid(
+                "executor.lease_time",
+                format!(
+                    "must be above executor.lease_check ({}), is {}",
+                    humantime::format_duration(lease_check),
+                    humantime::format_duration(lease_time)
+                ),
+            ));
+        }
         Ok(ExecutorSettings {
             batch_size: self.value(
                 "executor.batch_size",
@@ -1339,6 +1374,10 @@ impl Check<'_> {
                 d.flush_interval,
             )?,
             drain_timeout: raw.drain_timeout.unwrap_or(d.drain_timeout),
+            lease_time,
+            lease_check,
+            replan_check: raw.replan_check.unwrap_or(d.replan_check),
+            local_takeover: raw.local_takeover.unwrap_or(d.local_takeover),
         })
     }
 
@@ -1629,6 +1668,10 @@ mod tests {
                 gate_poll: Duration::from_millis(200),
                 flush_interval: Duration::from_millis(50),
                 drain_timeout: Duration::from_secs(10),
+                lease_time: Duration::from_secs(15),
+                lease_check: Duration::from_secs(1),
+                replan_check: Duration::from_secs(30),
+                local_takeover: true,
             }
         );
         assert_eq!(

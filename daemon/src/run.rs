@@ -63,6 +63,10 @@ pub(crate) fn engine_settings(settings: &Settings, instance_id: String) -> Engin
         flush_interval: e.flush_interval,
         flush_rows: e.batch_size as usize,
         drain_timeout: e.drain_timeout,
+        lease_time: e.lease_time,
+        lease_check: e.lease_check,
+        replan_check: e.replan_check,
+        owner_gone: if e.local_takeover { crate::ident::owner_gone } else { |_| false },
         partition_rule: PartitionRule {
             medium_from: e.partitions_medium_from,
             large_from: e.partitions_large_from,

@@ -145,15 +145,21 @@ async fn claiming_status_completion_and_retries_use_the_claim_index() -> anyhow:
     for (table, id) in [("point_targets", 43), ("voucher_targets", 45)] {
         // repo::claim: the SELECT (with and without the locking clause) and the UPDATE by id.
         for sql in [
+            // From the start of partition 1 of 4 (after bucket 210, id 0), and from a cursor
+            // in the middle of it; the ORDER BY must come from the index (no filesort).
             format!(
-                "SELECT id, attempts, retry_base FROM {table} \
-                 WHERE event_id = {id} AND status = 'PENDING' AND bucket >= 210 AND bucket < 420 \
-                 LIMIT 1000 FOR UPDATE SKIP LOCKED"
+                "SELECT id, bucket, attempts, retry_base FROM {table} \
+                 FORCE INDEX (ix_{table}_claim) \
+                 WHERE event_id = {id} AND status = 'PENDING' AND bucket < 420 \
+                 AND (bucket > 210 OR (bucket = 210 AND id > 0)) \
+                 ORDER BY bucket, id LIMIT 1000 FOR UPDATE SKIP LOCKED"
             ),
             format!(
-                "SELECT id, attempts, retry_base FROM {table} \
-                 WHERE event_id = {id} AND status = 'PENDING' AND bucket >= 210 AND bucket < 420 \
-                 LIMIT 1000"
+                "SELECT id, bucket, attempts, retry_base FROM {table} \
+                 FORCE INDEX (ix_{table}_claim) \
+                 WHERE event_id = {id} AND status = 'PENDING' AND bucket < 420 \
+                 AND (bucket > 300 OR (bucket = 300 AND id > 1000)) \
+                 ORDER BY bucket, id LIMIT 1000"
             ),
             // repo::recover_in_flight
             format!(
@@ -195,6 +201,17 @@ async fn claiming_status_completion_and_retries_use_the_claim_index() -> anyhow:
             let plan = explain(&db, &sql).await?;
             let n = assert_indexed(&sql, &plan, false);
             assert_eq!(n, 1, "one access to {table} expected in\n{}", show(&sql, &plan));
+            if sql.contains("ORDER BY bucket, id") {
+                let sorted = plan.iter().any(|r| {
+                    r.get("Extra")
+                        .is_some_and(|e| e.contains("filesort") || e.contains("temporary"))
+                });
+                assert!(
+                    !sorted,
+                    "the claim's ORDER BY should come from the index in\n{}",
+                    show(&sql, &plan)
+                );
+            }
             report.push_str(&show(&sql, &plan));
         }
         let sql = format!(

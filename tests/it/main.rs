@@ -10,5 +10,7 @@ mod dead_letters;
 mod explain;
 mod failures;
 mod foundation;
+mod leases;
+mod scaleout;
 mod support;
 mod systemd;

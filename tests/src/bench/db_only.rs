@@ -209,13 +209,19 @@ async fn claimer(
     };
     let mut c = db::conn(&pool).await?;
     let mut seq = 0u64;
+    let mut cursor = repo::ClaimCursor::start();
     loop {
         seq += 1;
         let token: repo::ClaimToken = format!("{owner}/{seq}").into();
         let t = Instant::now();
         let mut tries = 0;
         let claimed = loop {
-            match repo::claim(&mut c, kind.table(), id, &slice, batch_size, &token).await {
+            let from_start = cursor.at_start();
+            match repo::claim(&mut c, kind.table(), id, &slice, batch_size, &token, &mut cursor)
+                .await
+            {
+                // The end of the partition: start over once before calling it done.
+                Ok(v) if v.is_empty() && !from_start => {}
                 Ok(v) => break v,
                 Err(e) if retry_after(&timers, &mut tries, &e).await => {}
                 Err(e) => return Err(e.into()),

@@ -89,6 +89,8 @@ pub struct BenchConfig {
     pub jitter_ms: u64,
     /// Force a partition count (1..=8); `None` = the daemon's rule.
     pub partitions: Option<u16>,
+    /// `payoutd run` processes sharing the campaign (partition leases); 1 = one daemon.
+    pub instances: u16,
     /// `money.max_in_flight`; `None` = the daemon's default.
     pub max_in_flight: Option<usize>,
     /// `executor.batch_size`; `None` = the daemon's default.
@@ -134,6 +136,7 @@ impl Default for BenchConfig {
             latency_ms: 20,
             jitter_ms: 10,
             partitions: None,
+            instances: 1,
             max_in_flight: None,
             batch_size: None,
             sim_process: false,
@@ -334,6 +337,12 @@ pub struct BenchReport {
     pub daemon_cpu_secs: Option<f64>,
     /// Daemon CPU seconds from its start to COMPLETED (start-up included).
     pub daemon_cpu_secs_total: Option<f64>,
+    /// `--instances N`: daemon processes that served the campaign together.
+    pub instances: u16,
+    /// CPU of the other instances over the run (the first instance's is `daemon_cpu_secs`).
+    pub other_instances_cpu_secs: Option<f64>,
+    /// Peak RSS of each other instance.
+    pub other_instances_peak_rss_mib: Vec<f64>,
     pub mariadb_cpu_secs: Option<f64>,
     /// money-sim's CPU seconds over the run (`sim_process` only).
     pub sim_cpu_secs: Option<f64>,
@@ -644,6 +653,15 @@ async fn run_in(
     report.daemon_log = Some(daemon_log.clone());
     let mut daemon = daemon::Daemon::start(payoutd, &env, &daemon_log).await?;
     daemon.wait_ready(Duration::from_secs(60)).await?;
+    report.instances = cfg.instances.max(1);
+    let mut others = Vec::new();
+    for i in 2..=cfg.instances {
+        let log = log_path(out, &format!("daemon-{i}.log"));
+        let mut d = daemon::Daemon::start(payoutd, &env, &log).await?;
+        d.wait_ready(Duration::from_secs(60)).await?;
+        others.push(d);
+    }
+    let others_cpu0: Vec<Option<f64>> = others.iter().map(|d| procfs::cpu_secs(d.pid)).collect();
     let mariadb = procfs::mariadb_pid();
     if mariadb.is_none() {
         report.notes.push("no local mariadbd/mysqld process: MariaDB CPU not measured".into());
@@ -694,6 +712,9 @@ async fn run_in(
             }
         }
         daemon.check_alive()?;
+        for d in &mut others {
+            d.check_alive()?;
+        }
         if running.elapsed() > timeout {
             bail!("campaign {CAMPAIGN} not COMPLETED after {timeout:?} (--timeout-secs)");
         }
@@ -715,6 +736,18 @@ async fn run_in(
     }
     let cpu1 = CpuSnapshot::now(Some(daemon.pid), mariadb, sim.pid());
     let daemon_cpu_total = procfs::cpu_secs(daemon.pid);
+    if !others.is_empty() {
+        let mut sum = 0.0;
+        for (d, before) in others.iter().zip(&others_cpu0) {
+            if let (Some(b), Some(a)) = (procfs::cpu_secs(d.pid), before) {
+                sum += b - a;
+            }
+            if let Some(m) = procfs::peak_rss_mib(d.pid) {
+                report.other_instances_peak_rss_mib.push((m * 10.0).round() / 10.0);
+            }
+        }
+        report.other_instances_cpu_secs = Some(round3(sum));
+    }
     peak_rss = procfs::peak_rss_mib(daemon.pid).or(peak_rss);
 
     // The run, on the database's clock.
@@ -808,6 +841,7 @@ async fn run_in(
         report.machine_cpu_busy_pct = Some((s1.busy_pct_since(&s0) * 10.0).round() / 10.0);
         let ours = [
             report.daemon_cpu_secs,
+            report.other_instances_cpu_secs,
             report.mariadb_cpu_secs,
             report.sim_cpu_secs,
             report.bench_cpu_secs,
@@ -818,7 +852,10 @@ async fn run_in(
         report.other_cpu_secs = Some(round3((s1.busy_secs_since(&s0) - ours).max(0.0)));
     }
 
-    // Stop the daemon: its last line carries the latency it saw.
+    // Stop the daemons: the first one's last line carries the latency it saw.
+    for d in others {
+        d.terminate(Duration::from_secs(30)).await?;
+    }
     let log = daemon.terminate(Duration::from_secs(30)).await?;
     report.money_p50_ms = log.stopped_number("money_p50_ms");
     report.money_p99_ms = log.stopped_number("money_p99_ms");
@@ -1009,6 +1046,15 @@ pub fn summary(r: &BenchReport) -> String {
             opt2(r.daemon_cpu_secs),
             opt2(r.daemon_cpu_secs_total),
         );
+        if r.instances > 1 {
+            let _ = writeln!(
+                s,
+                "  other instances       {}: CPU {} s over the run, peak RSS {:?} MiB",
+                r.instances - 1,
+                opt2(r.other_instances_cpu_secs),
+                r.other_instances_peak_rss_mib,
+            );
+        }
         let _ = writeln!(
             s,
             "  CPU over the run      MariaDB {} s, money-sim {} s, bench {} s, others {} s; machine {} % busy",

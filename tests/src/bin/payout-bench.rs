@@ -33,6 +33,9 @@ struct Args {
     /// stored plan).
     #[arg(long)]
     partitions: Option<u16>,
+    /// payoutd processes sharing the campaign through partition leases.
+    #[arg(long, default_value_t = 1)]
+    instances: u16,
     /// The daemon's money.max_in_flight.
     #[arg(long)]
     max_in_flight: Option<usize>,
@@ -106,6 +109,7 @@ async fn main() -> std::process::ExitCode {
         latency_ms: a.latency_ms,
         jitter_ms: a.jitter_ms,
         partitions: a.partitions,
+        instances: a.instances,
         max_in_flight: a.max_in_flight,
         batch_size: a.batch_size,
         sim_process: a.sim_process,
