@@ -947,6 +947,28 @@ impl Engine {
                 // Another instance applied a re-plan.
                 held.plan = views.iter().map(|v| v.slice).collect();
             }
+            // Leases this process still holds from an earlier run of the campaign that could
+            // not hand them back (the database was unreachable when it ended): that run has
+            // drained, so they are taken up again, once renewed (nobody took them meanwhile).
+            let orphans: Vec<PartitionSlice> = views
+                .iter()
+                .filter(|v| {
+                    v.owner.as_deref() == Some(self.run_id.as_str())
+                        && !held.parts.contains_key(&v.partition_no)
+                        && held.plan.contains(&v.slice)
+                })
+                .map(|v| v.slice)
+                .collect();
+            for slice in orphans {
+                let n = slice.partition_no;
+                if lease::renew(&mut c, id, &self.run_id, &[n], lease_time).await?.contains(&n) {
+                    let recovered =
+                        repo::recover_in_flight(&mut c, held.kind.table(), id, &slice).await?;
+                    info!(campaign.id = %id, partition = n, recovered, "partition still leased to this process from its previous run: serving it again");
+                    self.start_partition(held, slice);
+                }
+            }
+            self.apply_share(held);
             let serving: Vec<LeaseView> = views
                 .into_iter()
                 .map(|mut v| {
@@ -1308,6 +1330,16 @@ impl Worker {
 
     /// Claims one batch and queues its requests. Returns the number of rows claimed.
     async fn step(&self) -> Result<usize, DbError> {
+        // Flow control: claim again only while fewer than two batches of this partition wait
+        // for their outcomes to be committed. Without it, sends outrunning the write-back (no
+        // rate limit, a slow database) piled outcomes up in memory without bound.
+        let most = 2 * self.settings.batch_size as usize;
+        while self.outstanding.load(Ordering::SeqCst) >= most {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                _ = self.stop.cancelled() => return Ok(0),
+            }
+        }
         let (claimed, prepared) = {
             let mut c = conn(&self.pool).await?;
             let mut cursor = self.cursor.lock().map(|g| *g).unwrap_or_default();

@@ -611,24 +611,7 @@ pub async fn apply_replan(
         }
         let plan = slices(small(to));
         let count = plan.len() as i16;
-        diesel::sql_query("DELETE FROM campaign_partitions WHERE campaign_id = ?")
-            .bind::<BigInt, _>(campaign.0)
-            .execute(c)
-            .await?;
-        for s in &plan {
-            diesel::sql_query(
-                "INSERT INTO campaign_partitions \
-                 (campaign_id, partition_no, partition_count, bucket_lo, bucket_hi) \
-                 VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind::<BigInt, _>(campaign.0)
-            .bind::<SmallInt, _>(s.partition_no as i16)
-            .bind::<SmallInt, _>(s.partition_count as i16)
-            .bind::<SmallInt, _>(s.bucket_lo as i16)
-            .bind::<SmallInt, _>(s.bucket_hi as i16)
-            .execute(c)
-            .await?;
-        }
+        repo::store_partitions(c, campaign, &plan).await?;
         diesel::sql_query(
             "UPDATE campaigns SET partition_count = ?, replan_to = NULL WHERE id = ?",
         )

@@ -7,16 +7,18 @@
 //! * **Pacing** (governor's GCRA, one dispatcher task taking permits and handing requests to
 //!   senders; many tasks waiting on one limiter would form a thundering herd) spaces requests
 //!   evenly at `limit / (1 s + slack)`. A small burst (2–8) lets a dispatcher that wakes up a
-//!   little late catch up instead of losing the time.
+//!   little late catch up instead of losing the time (a burst of 20 was tried: the steady rate
+//!   was already at the pace, and it did not help).
 //! * **An exact send-window log**: right before a request leaves, its sender passes
 //!   [`RateLimiter::admit`], which refuses a send while the last `limit` sends all lie within
 //!   `1 s + slack`. Sender tasks can start late on a busy machine and then leave together; the
 //!   log makes the cap hold whatever the scheduler does.
 //!
-//! `slack` (`money.rate_slack`, default 10 ms) is the time kept free in every window for uneven
+//! `slack` (`money.rate_slack`, default 8 ms) is the time kept free in every window for uneven
 //! transit between us and Money: requests sent evenly can arrive unevenly, compressing a window
 //! by the difference in delay between its first and its last request. Each millisecond of slack
-//! costs 0.1 % of throughput: at 1,000/s with 10 ms the pace is 990/s.
+//! costs 0.1 % of throughput: at 1,000/s with 8 ms the pace is 992/s, which pays 1,000,000 rows
+//! in 1,008 s, within the 1,010 s (99 %) the requirements allow.
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
@@ -26,7 +28,7 @@ use std::time::{Duration, Instant};
 use governor::{DefaultDirectRateLimiter, Quota};
 
 /// The default slack kept free in every window for uneven transit between us and Money.
-pub const DEFAULT_SLACK: Duration = Duration::from_millis(10);
+pub const DEFAULT_SLACK: Duration = Duration::from_millis(8);
 
 /// How permits are spaced for a given limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,7 +197,7 @@ mod tests {
         for limit in [1, 10, 200, 1000, 5000, 20_000] {
             let p = Pacing::for_limit(nz(limit), DEFAULT_SLACK);
             let share = p.rate_per_sec() / f64::from(limit);
-            assert!((0.989..=0.991).contains(&share), "limit {limit}: {share}");
+            assert!((0.991..=0.993).contains(&share), "limit {limit}: {share}");
             assert!(p.rate_per_sec() <= f64::from(limit));
         }
     }

@@ -415,29 +415,40 @@ pub async fn ensure_plan(
         .bind::<BigInt, _>(id.0)
         .execute(c)
         .await?;
-        diesel::sql_query("DELETE FROM campaign_partitions WHERE campaign_id = ?")
-            .bind::<BigInt, _>(id.0)
-            .execute(c)
-            .await?;
-        for s in &plan {
-            diesel::sql_query(
-                "INSERT INTO campaign_partitions \
-                 (campaign_id, partition_no, partition_count, bucket_lo, bucket_hi) \
-                 VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind::<BigInt, _>(id.0)
-            .bind::<SmallInt, _>(s.partition_no as i16)
-            .bind::<SmallInt, _>(s.partition_count as i16)
-            .bind::<SmallInt, _>(s.bucket_lo as i16)
-            .bind::<SmallInt, _>(s.bucket_hi as i16)
-            .execute(c)
-            .await?;
-        }
+        store_partitions(c, id, &plan).await?;
         let detail = format!("{{\"rows\":{rows_total},\"partitions\":{count}}}");
         record_event(c, Some(id), "PLANNED", None, actor, Some(&detail)).await?;
         Ok(plan)
     })
     .await
+}
+
+/// Replaces the campaign's partition rows with `plan` (no lease held), inside the caller's
+/// transaction: the first plan, or a re-plan.
+pub async fn store_partitions(
+    conn: &mut AsyncMysqlConnection,
+    id: CampaignId,
+    plan: &[PartitionSlice],
+) -> QResult<()> {
+    diesel::sql_query("DELETE FROM campaign_partitions WHERE campaign_id = ?")
+        .bind::<BigInt, _>(id.0)
+        .execute(conn)
+        .await?;
+    for s in plan {
+        diesel::sql_query(
+            "INSERT INTO campaign_partitions \
+             (campaign_id, partition_no, partition_count, bucket_lo, bucket_hi) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind::<BigInt, _>(id.0)
+        .bind::<SmallInt, _>(s.partition_no as i16)
+        .bind::<SmallInt, _>(s.partition_count as i16)
+        .bind::<SmallInt, _>(s.bucket_lo as i16)
+        .bind::<SmallInt, _>(s.bucket_hi as i16)
+        .execute(conn)
+        .await?;
+    }
+    Ok(())
 }
 
 /// Campaigns a breaker probe may use, in queue order: RUNNING ones and those the breaker paused.

@@ -31,7 +31,7 @@
 //! | `money.api_key` | `PAYOUTD_MONEY__API_KEY` | required by `payoutd run` unless `money.api_key_file` is set or the systemd credential `money-api-key` (`$CREDENTIALS_DIRECTORY/money-api-key`) exists |
 //! | `money.api_key_file` | `PAYOUTD_MONEY__API_KEY_FILE` | none; a file holding `money.api_key` |
 //! | `money.rate_limit_per_sec` | `PAYOUTD_MONEY__RATE_LIMIT_PER_SEC` | `1000` (at least 1): requests per second, across all campaigns |
-//! | `money.rate_slack` | `PAYOUTD_MONEY__RATE_SLACK` | `10ms` (0 to 200ms): time kept free in every one-second window for uneven delay on the way to Money; each ms costs 0.1 % of throughput |
+//! | `money.rate_slack` | `PAYOUTD_MONEY__RATE_SLACK` | `8ms` (0 to 200ms): time kept free in every one-second window for uneven delay on the way to Money; each ms costs 0.1 % of throughput |
 //! | `money.timeout` | `PAYOUTD_MONEY__TIMEOUT` | `3s` (above 0): one request, connect to last byte |
 //! | `money.max_in_flight` | `PAYOUTD_MONEY__MAX_IN_FLIGHT` | `256` (at least 1): requests awaiting an answer at once |
 //! | `slack.webhook_url` | `PAYOUTD_SLACK__WEBHOOK_URL` | none: alerts are logged only |
@@ -239,7 +239,7 @@ impl Default for MoneySettings {
             base_url: None,
             api_key: SecretSource::Unset,
             rate_limit_per_sec: NonZeroU32::new(1000).unwrap_or(NonZeroU32::MIN),
-            rate_slack: Duration::from_millis(10),
+            rate_slack: Duration::from_millis(8),
             timeout: Duration::from_secs(3),
             max_in_flight: 256,
         }

@@ -19,11 +19,6 @@ use payout_core::domain::OperatorCommand;
 
 use crate::config::{LogFormat, Settings};
 
-/// glibc's allocator spent about a fifth of the daemon's CPU at high request rates (many
-/// threads allocating small buffers); mimalloc is a drop-in replacement.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Debug, Parser)]
 #[command(
     name = "payoutd",

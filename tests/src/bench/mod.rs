@@ -333,6 +333,9 @@ pub struct BenchReport {
     pub daemon_warnings: Option<u64>,
 
     pub daemon_peak_rss_mib: Option<f64>,
+    /// `payoutd campaign status 1 --json` (the whole CLI process) timed every 5 s while the
+    /// campaign ran, in milliseconds.
+    pub status_while_running_ms: Vec<f64>,
     /// Daemon CPU seconds from RUNNING to COMPLETED.
     pub daemon_cpu_secs: Option<f64>,
     /// Daemon CPU seconds from its start to COMPLETED (start-up included).
@@ -690,6 +693,7 @@ async fn run_in(
     let timeout = cfg.timeout();
     let mut peak_rss = None;
     let mut last_progress = Instant::now();
+    let mut last_status = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let status: Option<String> =
@@ -717,6 +721,15 @@ async fn run_in(
         }
         if running.elapsed() > timeout {
             bail!("campaign {CAMPAIGN} not COMPLETED after {timeout:?} (--timeout-secs)");
+        }
+        if last_status.elapsed() >= Duration::from_secs(5) {
+            last_status = Instant::now();
+            let t = Instant::now();
+            if daemon::cli(payoutd, &db.url, &["campaign", "status", "1", "--json"]).await.is_ok() {
+                report
+                    .status_while_running_ms
+                    .push((t.elapsed().as_secs_f64() * 10_000.0).round() / 10.0);
+            }
         }
         if !cfg.quiet && last_progress.elapsed() >= Duration::from_secs(10) {
             last_progress = Instant::now();
@@ -1046,6 +1059,13 @@ pub fn summary(r: &BenchReport) -> String {
             opt2(r.daemon_cpu_secs),
             opt2(r.daemon_cpu_secs_total),
         );
+        if let Some(max) = r.status_while_running_ms.iter().copied().reduce(f64::max) {
+            let _ = writeln!(
+                s,
+                "  campaign status       {} calls while running, max {max:.1} ms",
+                r.status_while_running_ms.len()
+            );
+        }
         if r.instances > 1 {
             let _ = writeln!(
                 s,

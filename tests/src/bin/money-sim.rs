@@ -12,11 +12,6 @@ use clap::Parser;
 use payout_tests::money_sim::{MoneySim, SimConfig};
 use tracing_subscriber::EnvFilter;
 
-/// As in payoutd: glibc's allocator cost much CPU at high request rates; mimalloc is a drop-in
-/// replacement.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Simulated Money server implementing the Money API contract, with fault injection.
 #[derive(Debug, Parser)]
 #[command(name = "money-sim", version)]
