@@ -85,7 +85,7 @@ impl EngineSettings {
         EngineSettings {
             instance_id: instance_id.into(),
             batch_size: 1000,
-            max_in_flight: 256,
+            max_in_flight: 512,
             idle_poll: Duration::from_millis(200),
             gate_poll: Duration::from_millis(200),
             flush_interval: Duration::from_millis(50),

@@ -33,7 +33,7 @@
 //! | `money.rate_limit_per_sec` | `PAYOUTD_MONEY__RATE_LIMIT_PER_SEC` | `1000` (at least 1): requests per second, across all campaigns |
 //! | `money.rate_slack` | `PAYOUTD_MONEY__RATE_SLACK` | `8ms` (0 to 200ms): time kept free in every one-second window for uneven delay on the way to Money; each ms costs 0.1 % of throughput |
 //! | `money.timeout` | `PAYOUTD_MONEY__TIMEOUT` | `3s` (above 0): one request, connect to last byte |
-//! | `money.max_in_flight` | `PAYOUTD_MONEY__MAX_IN_FLIGHT` | `256` (at least 1): requests awaiting an answer at once |
+//! | `money.max_in_flight` | `PAYOUTD_MONEY__MAX_IN_FLIGHT` | `512` (at least 1): requests awaiting an answer at once; it must cover the limit × Money's slowest usual latency (1,000/s × 0.3 s = 300) |
 //! | `slack.webhook_url` | `PAYOUTD_SLACK__WEBHOOK_URL` | none: alerts are logged only |
 //! | `slack.webhook_url_file` | `PAYOUTD_SLACK__WEBHOOK_URL_FILE` | none; a file holding `slack.webhook_url` |
 //! | `executor.batch_size` | `PAYOUTD_EXECUTOR__BATCH_SIZE` | `1000` (1 to 5000): rows claimed per partition step |
@@ -241,7 +241,7 @@ impl Default for MoneySettings {
             rate_limit_per_sec: NonZeroU32::new(1000).unwrap_or(NonZeroU32::MIN),
             rate_slack: Duration::from_millis(8),
             timeout: Duration::from_secs(3),
-            max_in_flight: 256,
+            max_in_flight: 512,
         }
     }
 }
@@ -1656,7 +1656,7 @@ mod tests {
         assert_eq!(s.database.connect_timeout, Duration::from_secs(5));
         assert_eq!(s.money.rate_limit_per_sec.get(), 1000);
         assert_eq!(s.money.timeout, Duration::from_secs(3));
-        assert_eq!(s.money.max_in_flight, 256);
+        assert_eq!(s.money.max_in_flight, 512);
         assert_eq!(
             s.executor,
             ExecutorSettings {
