@@ -920,11 +920,8 @@ impl Engine {
                 info!(campaign.id = %id, partitions = plan.len(), "campaign re-planned");
                 held.plan = plan;
             } else if held.parts.is_empty() {
-                // Swapped by another instance meanwhile: read the new plan.
-                let fresh = lease::leases(&mut c, id).await?;
-                if !fresh.is_empty() && fresh.len() != held.plan.len() {
-                    held.plan = fresh.iter().map(|l| l.slice).collect();
-                }
+                // Swapped by another instance meanwhile?
+                held.follow_plan(&lease::leases(&mut c, id).await?);
             }
         } else {
             let mut views = lease::leases(&mut c, id).await?;
@@ -943,10 +940,7 @@ impl Engine {
                 views = lease::leases(&mut c, id).await?;
                 participants = lease::participants(&mut c, id).await?;
             }
-            if !views.is_empty() && views.iter().any(|v| !held.plan.contains(&v.slice)) {
-                // Another instance applied a re-plan.
-                held.plan = views.iter().map(|v| v.slice).collect();
-            }
+            held.follow_plan(&views);
             // Leases this process still holds from an earlier run of the campaign that could
             // not hand them back (the database was unreachable when it ended): that run has
             // drained, so they are taken up again, once renewed (nobody took them meanwhile).
@@ -969,19 +963,11 @@ impl Engine {
                 }
             }
             self.apply_share(held);
+            // Partitions being given up or lost are neither kept nor taken: leave them out.
             let serving: Vec<LeaseView> = views
                 .into_iter()
-                .map(|mut v| {
-                    // Partitions being given up or lost are not ours to count.
-                    if held
-                        .parts
-                        .get(&v.partition_no)
-                        .is_some_and(|p| p.state != PartState::Serving)
-                        && v.owner.as_deref() == Some(self.run_id.as_str())
-                    {
-                        v.owner = Some(format!("{}~leaving", self.run_id));
-                    }
-                    v
+                .filter(|v| {
+                    held.parts.get(&v.partition_no).is_none_or(|p| p.state == PartState::Serving)
                 })
                 .collect();
             let plan =
@@ -1221,9 +1207,16 @@ impl Held {
     /// Every partition served here found nothing to claim last time, and nothing is in flight.
     fn all_idle(&self) -> bool {
         self.parts.values().all(|p| {
-            p.state != PartState::Serving
-                || (p.idle.load(Ordering::SeqCst) && p.outstanding.load(Ordering::SeqCst) == 0)
-        }) && self.parts.values().all(|p| p.outstanding.load(Ordering::SeqCst) == 0)
+            p.outstanding.load(Ordering::SeqCst) == 0
+                && (p.state != PartState::Serving || p.idle.load(Ordering::SeqCst))
+        })
+    }
+
+    /// Takes the stored plan as it is now, if another instance applied a re-plan.
+    fn follow_plan(&mut self, views: &[LeaseView]) {
+        if !views.is_empty() && views.iter().any(|v| !self.plan.contains(&v.slice)) {
+            self.plan = views.iter().map(|v| v.slice).collect();
+        }
     }
 }
 
