@@ -30,7 +30,7 @@ use rand::Rng;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, trace, warn};
 
 use crate::breaker::{Admission, Breaker, BreakerSettings, Signal, Transition};
 use crate::db::{DbError, DbPool, conn};
@@ -1520,6 +1520,14 @@ impl Dispatcher {
             let breaker = self.breaker.clone();
             tokio::spawn(async move {
                 limiter.admit().await;
+                // Admission on the wall clock, to line up with Money's arrival log when
+                // measuring how unevenly requests travel (`log.filter` `payoutd::sends=trace`).
+                trace!(
+                    target: "payoutd::sends",
+                    key = %job.request.idempotency_key,
+                    at_unix_us = unix_micros(),
+                    "admitted"
+                );
                 let started = Instant::now();
                 let result = money.grant(&job.request).await;
                 stats.money_latency.record(started.elapsed());
@@ -1550,6 +1558,14 @@ impl Dispatcher {
         let all = u32::try_from(self.max_in_flight).unwrap_or(u32::MAX);
         let _ = self.in_flight.acquire_many(all).await;
     }
+}
+
+/// Microseconds since the Unix epoch (0 if the clock is before it).
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// What a Money answer means for the row, given which attempt of its retry budget this was

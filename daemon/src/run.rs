@@ -22,6 +22,9 @@ use tracing::{info, warn};
 use crate::config::Settings;
 use crate::schedule::Jobs;
 
+/// Discovery runs once a second and looks again this long after each run's start.
+const DISCOVERY_HALF_PERIOD: Duration = Duration::from_millis(500);
+
 /// The kinds this daemon serves: one line per kind.
 pub(crate) fn kinds() -> KindRegistry {
     let mut kinds = KindRegistry::new();
@@ -143,6 +146,13 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     jobs.every("discovery", 1, move || {
         let d = discovery.clone();
         async move {
+            // The scheduler fires jobs at most once a second; a second look half-way through
+            // halves the wait of a campaign just set RUNNING (its first grant is due within 1 s).
+            let half_way = tokio::time::Instant::now() + DISCOVERY_HALF_PERIOD;
+            if let Err(e) = d.tick().await {
+                warn!(error = %e, "campaign discovery failed");
+            }
+            tokio::time::sleep_until(half_way).await;
             if let Err(e) = d.tick().await {
                 warn!(error = %e, "campaign discovery failed");
             }

@@ -18,6 +18,7 @@ pub mod db_only;
 pub mod procfs;
 pub mod sim;
 pub mod status;
+pub mod transit;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -103,6 +104,8 @@ pub struct BenchConfig {
     pub db_ceiling: bool,
     /// Only time `payoutd campaign status` and the status queries on the loaded campaign.
     pub status_only: bool,
+    /// Log every admission in the daemon and pair it with money-sim's arrival ([`transit`]).
+    pub transit: bool,
     pub keep_db: bool,
     /// Server URL without a database; `None`: `PAYOUTD_TEST_DATABASE_URL`, else
     /// `scripts/ensure-mariadb.sh`. Never serialised (it may hold a password).
@@ -143,6 +146,7 @@ impl Default for BenchConfig {
             db_only: false,
             db_ceiling: false,
             status_only: false,
+            transit: false,
             keep_db: false,
             db_url: None,
             payoutd: None,
@@ -324,6 +328,8 @@ pub struct BenchReport {
     pub requests_per_second: Vec<u64>,
     /// The fewest requests in any second but the first and the last.
     pub min_requests_per_second_steady: Option<u64>,
+    /// Admission-to-arrival delays (`--transit` only).
+    pub transit: Option<transit::Transit>,
 
     pub money_p50_ms: Option<f64>,
     pub money_p99_ms: Option<f64>,
@@ -628,6 +634,9 @@ async fn run_in(
     env.insert("PAYOUTD_MONEY__RATE_LIMIT_PER_SEC".into(), cfg.daemon_rate().to_string());
     env.insert("PAYOUTD_LOG__FORMAT".into(), "json".into());
     env.insert("PAYOUTD_LOG__THROUGHPUT_INTERVAL".into(), cfg.throughput_interval.clone());
+    if cfg.transit {
+        env.insert("PAYOUTD_LOG__FILTER".into(), format!("info,{}=trace", transit::SENDS_TARGET));
+    }
     for (k, v) in partitioning.env() {
         env.insert(k, v);
     }
@@ -878,6 +887,14 @@ async fn run_in(
     if log.stopped.is_none() {
         report.notes.push("the daemon's `payoutd stopped` line was not found".into());
     }
+    if cfg.transit
+        && let Some(path) = report.daemon_log.as_ref()
+    {
+        let admitted = transit::admissions(path)?;
+        let arrivals = sim.requests().await?;
+        transit::write_pairs(&log_path(out, "transit.csv"), &admitted, &arrivals)?;
+        report.transit = Some(transit::analyse(&admitted, &arrivals));
+    }
     sim.stop().await;
 
     if let (Some(r), Some(d)) = (report.rows_per_sec, report.db_only.as_ref()) {
@@ -1022,6 +1039,20 @@ pub fn summary(r: &BenchReport) -> String {
             opt(r.grants_total),
             opt(r.requests_total),
         );
+        if let Some(t) = &r.transit {
+            let _ = writeln!(
+                s,
+                "  transit               delay p50 {:.2} / p99 {:.2} / p99.9 {:.2} / max {:.2} ms (at {:.1} s); densest second: {} arrived, {} admitted at most, span of its admissions {:.1} ms",
+                t.delay_ms_p50,
+                t.delay_ms_p99,
+                t.delay_ms_p999,
+                t.delay_ms_max,
+                t.delay_max_at_s,
+                t.max_arrived_in_any_second,
+                t.max_admitted_in_any_second,
+                t.densest_second_admission_span_ms,
+            );
+        }
         let _ = writeln!(
             s,
             "  timing                first grant {} ms after RUNNING (discovered {} ms, started {} ms); COMPLETED {} ms after the last grant",

@@ -55,6 +55,10 @@ struct Args {
     /// up as under way (a third SUCCEEDED, 500 IN_FLIGHT, 200 FAILED, 8 partitions); no daemon.
     #[arg(long, conflicts_with_all = ["db_only", "db_ceiling"])]
     status_only: bool,
+    /// Log every admission in the daemon and pair it with money-sim's arrival by key: the
+    /// delay's spread and where the densest arrival second came from (JSON `transit`).
+    #[arg(long, conflicts_with_all = ["db_only", "status_only"])]
+    transit: bool,
     /// Keep the database afterwards.
     #[arg(long)]
     keep_db: bool,
@@ -116,6 +120,7 @@ async fn main() -> std::process::ExitCode {
         db_only: a.db_only,
         db_ceiling: a.db_ceiling,
         status_only: a.status_only,
+        transit: a.transit,
         keep_db: a.keep_db,
         db_url: a.db_url,
         payoutd: a.payoutd,

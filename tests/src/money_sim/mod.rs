@@ -150,6 +150,10 @@ pub struct RequestRecord {
     pub endpoint: String,
     /// Arrival, in milliseconds since the simulator started (the clock of [`MoneySim::now_ms`]).
     pub at_ms: u64,
+    /// Arrival on the wall clock, in microseconds since the Unix epoch: comparable with the
+    /// daemon's `payoutd::sends` trace lines (both processes read the same system clock).
+    #[serde(default)]
+    pub at_unix_us: u64,
     /// When the answer was ready; `None` while the request is still being handled, when its
     /// connection was dropped without an answer, or when the client went away first.
     pub answered_ms: Option<u64>,

@@ -207,6 +207,7 @@ struct Arrival {
     key: Box<str>,
     endpoint: Endpoint,
     at_ms: u64,
+    at_unix_us: u64,
     answered_ms: Option<u64>,
     status: Option<u16>,
     replayed: bool,
@@ -261,6 +262,8 @@ pub(crate) struct Shared {
     baseline_faults: Faults,
     baseline_rate_limit_per_sec: u32,
     started: Instant,
+    /// `started` on the wall clock (µs since the Unix epoch), for `RequestRecord::at_unix_us`.
+    started_unix_us: u64,
     windows: Mutex<Windows>,
     faults: Mutex<Faults>,
     store: Mutex<Store>,
@@ -281,6 +284,10 @@ impl Shared {
             baseline_faults,
             baseline_rate_limit_per_sec: cfg.rate_limit_per_sec,
             started: Instant::now(),
+            started_unix_us: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_micros()).unwrap_or(0))
+                .unwrap_or(0),
             windows: Mutex::new(Windows::new(cfg.rate_limit_per_sec)),
             faults: Mutex::new(baseline_faults),
             store: Mutex::new(Store::with_capacity(cfg.expected_grants)),
@@ -300,11 +307,15 @@ impl Shared {
         let key: Box<str> = Box::from(key.unwrap_or_default());
         let mut log = lock(&self.requests);
         // Read the clock under the lock so arrival times never decrease along the log.
-        let at_ms = self.elapsed_ms();
+        let since_start = self.started.elapsed();
+        let at_ms = u64::try_from(since_start.as_millis()).unwrap_or(u64::MAX);
+        let at_unix_us = self.started_unix_us
+            + u64::try_from(since_start.as_micros()).unwrap_or(u64::MAX - self.started_unix_us);
         log.arrivals.push(Arrival {
             key,
             endpoint,
             at_ms,
+            at_unix_us,
             answered_ms: None,
             status: None,
             replayed: false,
@@ -334,6 +345,7 @@ impl Shared {
                 idempotency_key: a.key.to_string(),
                 endpoint: a.endpoint.as_str().to_owned(),
                 at_ms: a.at_ms,
+                at_unix_us: a.at_unix_us,
                 answered_ms: a.answered_ms,
                 status: a.status,
                 replayed: a.replayed,
