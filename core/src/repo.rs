@@ -376,6 +376,55 @@ pub async fn count_by_status(
         .collect())
 }
 
+/// The campaign's stored partition count, if it has a plan.
+pub async fn stored_partition_count(
+    conn: &mut AsyncMysqlConnection,
+    id: CampaignId,
+) -> QResult<Option<u16>> {
+    #[derive(QueryableByName)]
+    struct PlanRow {
+        #[diesel(sql_type = Nullable<SmallInt>)]
+        partition_count: Option<i16>,
+    }
+    let mut rows: Vec<PlanRow> =
+        diesel::sql_query("SELECT partition_count FROM campaigns WHERE id = ?")
+            .bind::<BigInt, _>(id.0)
+            .load(conn)
+            .await?;
+    Ok(rows.pop().and_then(|r| r.partition_count).and_then(|n| u16::try_from(n).ok()))
+}
+
+/// Conditions that split a campaign's target rows into disjoint ranges of the claim index
+/// `(event_id, status, bucket, id)`: every status sorting before PENDING, every status after
+/// it, and PENDING in `pending_slices` bucket slices. Each row is in exactly one range, so the
+/// counts of the ranges add up to the campaign's row count, and they can be counted in parallel.
+pub fn count_ranges(pending_slices: u16) -> Vec<String> {
+    let mut ranges = vec!["status < 'PENDING'".to_owned(), "status > 'PENDING'".to_owned()];
+    for s in slices(pending_slices) {
+        ranges.push(format!(
+            "status = 'PENDING' AND bucket >= {} AND bucket < {}",
+            s.bucket_lo, s.bucket_hi
+        ));
+    }
+    ranges
+}
+
+/// Counts the campaign's rows in one range of [`count_ranges`].
+pub async fn count_target_range(
+    conn: &mut AsyncMysqlConnection,
+    table: &str,
+    id: CampaignId,
+    range: &str,
+) -> QResult<i64> {
+    let mut counted: Vec<CountRow> = diesel::sql_query(format!(
+        "SELECT COUNT(*) AS n FROM {table} WHERE event_id = ? AND {range}"
+    ))
+    .bind::<BigInt, _>(id.0)
+    .load(conn)
+    .await?;
+    Ok(counted.pop().map(|r| r.n).unwrap_or(0).max(0))
+}
+
 /// Returns the campaign's stored partition count, deciding and storing the plan first if there
 /// is none: counted once, kept across restarts.
 pub async fn ensure_plan(
@@ -384,6 +433,20 @@ pub async fn ensure_plan(
     id: CampaignId,
     rule: PartitionRule,
     actor: &str,
+) -> QResult<Vec<PartitionSlice>> {
+    ensure_plan_counted(conn, table, id, rule, actor, None).await
+}
+
+/// [`ensure_plan`] with the rows already counted (`counted`, e.g. by [`count_ranges`] in
+/// parallel); `None` counts them inside the planning transaction. A plan stored meanwhile by
+/// another instance wins over the count.
+pub async fn ensure_plan_counted(
+    conn: &mut AsyncMysqlConnection,
+    table: &str,
+    id: CampaignId,
+    rule: PartitionRule,
+    actor: &str,
+    counted: Option<i64>,
 ) -> QResult<Vec<PartitionSlice>> {
     conn.transaction(async |c| {
         #[derive(QueryableByName)]
@@ -399,12 +462,18 @@ pub async fn ensure_plan(
         if let Some(n) = rows.pop().and_then(|r| r.partition_count) {
             return Ok(slices(u16::try_from(n).unwrap_or(1)));
         }
-        let mut counted: Vec<CountRow> =
-            diesel::sql_query(format!("SELECT COUNT(*) AS n FROM {table} WHERE event_id = ?"))
+        let rows_total = match counted {
+            Some(n) => n.max(0),
+            None => {
+                let mut counted: Vec<CountRow> = diesel::sql_query(format!(
+                    "SELECT COUNT(*) AS n FROM {table} WHERE event_id = ?"
+                ))
                 .bind::<BigInt, _>(id.0)
                 .load(c)
                 .await?;
-        let rows_total = counted.pop().map(|r| r.n).unwrap_or(0).max(0);
+                counted.pop().map(|r| r.n).unwrap_or(0).max(0)
+            }
+        };
         let plan = slices(rule.partitions_for(rows_total as u64));
         let count = plan.len() as i16;
         diesel::sql_query(

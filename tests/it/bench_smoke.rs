@@ -24,9 +24,11 @@ async fn a_small_benchmark_run_writes_sane_figures() -> anyhow::Result<()> {
         out: Some(out.clone()),
         timeout_secs: Some(60),
         quiet: true,
-        // As in foundation's 200/s test: CI's shared cores stall the processes by 10-20 ms now
-        // and then, more than the 10 ms default slack is made for.
-        daemon_env: vec![("PAYOUTD_MONEY__RATE_SLACK".to_owned(), "30ms".to_owned())],
+        // CI's shared cores, loaded by the other tests and running the debug build, stall the
+        // processes by 10-30 ms now and then (`payout-bench --transit` measures 7-20 ms on a
+        // quiet machine), more than the 8 ms default slack is made for; one CI run saw 1,003
+        // arrivals in a second with 30 ms. This run checks the command, not the slack.
+        daemon_env: vec![("PAYOUTD_MONEY__RATE_SLACK".to_owned(), "60ms".to_owned())],
         ..BenchConfig::default()
     };
     let report = tokio::time::timeout(Duration::from_secs(90), bench::run(&cfg)).await??;

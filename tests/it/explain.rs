@@ -214,6 +214,15 @@ async fn claiming_status_completion_and_retries_use_the_claim_index() -> anyhow:
             }
             report.push_str(&show(&sql, &plan));
         }
+        // repo::count_target_range over repo::count_ranges (the first plan's parallel count)
+        for range in payout_core::repo::count_ranges(4) {
+            let sql =
+                format!("SELECT COUNT(*) AS n FROM {table} WHERE event_id = {id} AND {range}");
+            let plan = explain(&db, &sql).await?;
+            let n = assert_indexed(&sql, &plan, false);
+            assert_eq!(n, 1, "one access to {table} expected in\n{}", show(&sql, &plan));
+            report.push_str(&show(&sql, &plan));
+        }
         let sql = format!(
             "UPDATE {table} SET status = 'IN_FLIGHT', claimed_by = 'c-1', updated_at = NOW(3) \
              WHERE id IN (3, 4, 5, 6, 7, 8, 9, 10)"

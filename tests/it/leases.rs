@@ -619,3 +619,61 @@ async fn lease_and_remaining_row_statements_use_their_indexes() -> anyhow::Resul
     println!("{report}");
     db.drop_db().await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_plans_parallel_count_sees_every_row_once() -> anyhow::Result<()> {
+    let _timing = shared().await;
+    let db = TestDb::new().await?;
+    let pool = pool(&db)?;
+    db.campaign(C.0, "VOUCHER", "counted").await?;
+    db.campaign(43, "VOUCHER", "neighbour").await?;
+    db.load_vouchers(C.0, &voucher_rows(C.0, 3_000)).await?;
+    db.load_vouchers(43, &voucher_rows(43, 500)).await?;
+    // Every status, and PENDING rows in every bucket slice.
+    for (status, every) in [("SUCCEEDED", 3), ("IN_FLIGHT", 7), ("FAILED", 11), ("DEAD", 13)] {
+        db.exec(&format!(
+            "UPDATE voucher_targets SET status = '{status}' \
+             WHERE event_id = {} AND id % {every} = 0",
+            C.0
+        ))
+        .await?;
+    }
+    let ranges = repo::count_ranges(4);
+    assert_eq!(ranges.len(), 6);
+    let mut sum = 0;
+    for range in &ranges {
+        let n =
+            repo::count_target_range(&mut *conn(&pool).await?, "voucher_targets", C, range).await?;
+        assert!(n > 0, "range {range} counted nothing");
+        sum += n;
+    }
+    assert_eq!(sum, 3_000);
+
+    // The plan stores the count it was given; a stored plan ignores a later count.
+    let rule = PartitionRule::default();
+    let plan = repo::ensure_plan_counted(
+        &mut *conn(&pool).await?,
+        "voucher_targets",
+        C,
+        rule,
+        "t",
+        Some(sum),
+    )
+    .await?;
+    assert_eq!(plan.len(), 4);
+    let planned: Vec<(Option<i64>,)> =
+        db.query(&format!("SELECT planned_rows FROM campaigns WHERE id = {}", C.0)).await?;
+    assert_eq!(planned, vec![(Some(3_000),)]);
+    let again = repo::ensure_plan_counted(
+        &mut *conn(&pool).await?,
+        "voucher_targets",
+        C,
+        rule,
+        "t",
+        Some(5_000_000),
+    )
+    .await?;
+    assert_eq!(again, plan);
+    assert_eq!(repo::stored_partition_count(&mut *conn(&pool).await?, C).await?, Some(4));
+    db.drop_db().await
+}
