@@ -1011,6 +1011,11 @@ impl Engine {
             // Lower the share before anything is taken.
             self.apply_share(held);
             let mut serving_now = held.serving();
+            // Partitions taken in this step start together once all are taken, with the share
+            // raised once: started one by one, each acquisition waited behind the claims of the
+            // partitions already started, and a campaign of 8 partitions ran for a second at
+            // 1/8, 2/8, … of its rate.
+            let mut taken: Vec<PartitionSlice> = Vec::new();
             for n in plan.candidates {
                 if serving_now >= usize::from(plan.target) || held.gate.is_closed() {
                     break;
@@ -1037,10 +1042,13 @@ impl Engine {
                     }
                     None => info!(campaign.id = %id, partition = n, "partition taken"),
                 }
-                self.start_partition(held, slice);
+                taken.push(slice);
                 serving_now += 1;
-                self.apply_share(held);
             }
+            for slice in taken {
+                self.start_partition(held, slice);
+            }
+            self.apply_share(held);
         }
         self.maybe_replan(&mut c, held).await;
         Ok(())
@@ -1557,7 +1565,6 @@ impl Dispatcher {
                 ));
                 continue;
             }
-            self.stats.sent.fetch_add(1, Ordering::Relaxed);
             let money = self.money.clone();
             let limiter = self.limiter.clone();
             let retry = self.retry;
@@ -1565,7 +1572,18 @@ impl Dispatcher {
             let stats = self.stats.clone();
             let breaker = self.breaker.clone();
             tokio::spawn(async move {
-                limiter.admit().await;
+                // The send log can hold a sender back for up to a second when the share was just
+                // lowered (a partition given up, a re-plan): a request of a partition stopped
+                // meanwhile is released instead of waiting, so the partition drains at once.
+                tokio::select! {
+                    _ = limiter.admit() => {}
+                    _ = job.stop.cancelled() => {
+                        job.release();
+                        drop(permit);
+                        return;
+                    }
+                }
+                stats.sent.fetch_add(1, Ordering::Relaxed);
                 // Admission on the wall clock, to line up with Money's arrival log when
                 // measuring how unevenly requests travel (`log.filter` `payoutd::sends=trace`).
                 trace!(

@@ -22,8 +22,10 @@ use tracing::{info, warn};
 use crate::config::Settings;
 use crate::schedule::Jobs;
 
-/// Discovery runs once a second and looks again this long after each run's start.
-const DISCOVERY_HALF_PERIOD: Duration = Duration::from_millis(500);
+/// Discovery runs once a second and looks again this long after each run's start: not later,
+/// because tokio-cron-scheduler checks for due jobs every 500 ms and so sometimes starts two
+/// runs 500 ms apart, and a run still going then is skipped (with a warning).
+const DISCOVERY_SECOND_LOOK: Duration = Duration::from_millis(400);
 
 /// The kinds this daemon serves: one line per kind.
 pub(crate) fn kinds() -> KindRegistry {
@@ -146,13 +148,13 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     jobs.every("discovery", 1, move || {
         let d = discovery.clone();
         async move {
-            // The scheduler fires jobs at most once a second; a second look half-way through
-            // halves the wait of a campaign just set RUNNING (its first grant is due within 1 s).
-            let half_way = tokio::time::Instant::now() + DISCOVERY_HALF_PERIOD;
+            // The scheduler fires jobs at most once a second; a second look in between shortens
+            // the wait of a campaign just set RUNNING (its first grant is due within 1 s).
+            let second_look = tokio::time::Instant::now() + DISCOVERY_SECOND_LOOK;
             if let Err(e) = d.tick().await {
                 warn!(error = %e, "campaign discovery failed");
             }
-            tokio::time::sleep_until(half_way).await;
+            tokio::time::sleep_until(second_look).await;
             if let Err(e) = d.tick().await {
                 warn!(error = %e, "campaign discovery failed");
             }
