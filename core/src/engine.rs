@@ -1191,6 +1191,9 @@ impl Engine {
 /// for the other statuses): four keep both cores of a small database server busy.
 const PLAN_COUNT_SLICES: u16 = 4;
 
+/// Rows of a partition's first claim (see [`Worker::step`]).
+const FIRST_CLAIM: u32 = 100;
+
 /// The lease step's period while partitions change hands (see [`Held::in_transition`]).
 const TRANSITION_STEP: Duration = Duration::from_millis(100);
 
@@ -1398,12 +1401,19 @@ impl Worker {
             {
                 *t = Instant::now();
             }
+            // A partition's first claim is small: when all partitions start at once their first
+            // claims compete for the database, and small ones get the first grants out sooner.
+            let size = if self.claims.load(Ordering::Relaxed) == 0 {
+                self.settings.batch_size.min(FIRST_CLAIM)
+            } else {
+                self.settings.batch_size
+            };
             let claimed = claim_with_retry(
                 &mut c,
                 self.kind.table(),
                 self.campaign,
                 &self.slice,
-                self.settings.batch_size,
+                size,
                 &self.next_token(),
                 &mut cursor,
             )
