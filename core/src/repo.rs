@@ -376,22 +376,34 @@ pub async fn count_by_status(
         .collect())
 }
 
+#[derive(QueryableByName)]
+struct PartitionCountRow {
+    #[diesel(sql_type = Nullable<SmallInt>)]
+    partition_count: Option<i16>,
+}
+
+/// `campaigns.partition_count`, read with `FOR UPDATE` when `lock`.
+async fn partition_count(
+    conn: &mut AsyncMysqlConnection,
+    id: CampaignId,
+    lock: bool,
+) -> QResult<Option<i16>> {
+    let sql = if lock {
+        "SELECT partition_count FROM campaigns WHERE id = ? FOR UPDATE"
+    } else {
+        "SELECT partition_count FROM campaigns WHERE id = ?"
+    };
+    let mut rows: Vec<PartitionCountRow> =
+        diesel::sql_query(sql).bind::<BigInt, _>(id.0).load(conn).await?;
+    Ok(rows.pop().and_then(|r| r.partition_count))
+}
+
 /// The campaign's stored partition count, if it has a plan.
 pub async fn stored_partition_count(
     conn: &mut AsyncMysqlConnection,
     id: CampaignId,
 ) -> QResult<Option<u16>> {
-    #[derive(QueryableByName)]
-    struct PlanRow {
-        #[diesel(sql_type = Nullable<SmallInt>)]
-        partition_count: Option<i16>,
-    }
-    let mut rows: Vec<PlanRow> =
-        diesel::sql_query("SELECT partition_count FROM campaigns WHERE id = ?")
-            .bind::<BigInt, _>(id.0)
-            .load(conn)
-            .await?;
-    Ok(rows.pop().and_then(|r| r.partition_count).and_then(|n| u16::try_from(n).ok()))
+    Ok(partition_count(conn, id, false).await?.and_then(|n| u16::try_from(n).ok()))
 }
 
 /// Conditions that split a campaign's target rows into disjoint ranges of the claim index
@@ -449,17 +461,7 @@ pub async fn ensure_plan_counted(
     counted: Option<i64>,
 ) -> QResult<Vec<PartitionSlice>> {
     conn.transaction(async |c| {
-        #[derive(QueryableByName)]
-        struct PlanRow {
-            #[diesel(sql_type = Nullable<SmallInt>)]
-            partition_count: Option<i16>,
-        }
-        let mut rows: Vec<PlanRow> =
-            diesel::sql_query("SELECT partition_count FROM campaigns WHERE id = ? FOR UPDATE")
-                .bind::<BigInt, _>(id.0)
-                .load(c)
-                .await?;
-        if let Some(n) = rows.pop().and_then(|r| r.partition_count) {
+        if let Some(n) = partition_count(c, id, true).await? {
             return Ok(slices(u16::try_from(n).unwrap_or(1)));
         }
         let rows_total = match counted {

@@ -891,9 +891,9 @@ async fn run_in(
         && let Some(path) = report.daemon_log.as_ref()
     {
         let admitted = transit::admissions(path)?;
-        let arrivals = sim.requests().await?;
-        transit::write_pairs(&log_path(out, "transit.csv"), &admitted, &arrivals)?;
-        report.transit = Some(transit::analyse(&admitted, &arrivals));
+        let pairs = transit::pairs(&admitted, &sim.requests().await?);
+        transit::write_pairs(&log_path(out, "transit.csv"), &pairs)?;
+        report.transit = Some(transit::analyse_pairs(&admitted, &pairs));
     }
     sim.stop().await;
 

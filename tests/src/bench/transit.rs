@@ -64,22 +64,18 @@ pub fn admissions(daemon_log: &Path) -> anyhow::Result<Vec<(String, u64)>> {
     Ok(out)
 }
 
-/// Writes `admitted_unix_us,arrived_unix_us` per paired request, in arrival order.
-pub fn write_pairs(
-    path: &Path,
-    admitted: &[(String, u64)],
-    arrivals: &[RequestRecord],
-) -> anyhow::Result<()> {
+/// Writes `admitted_unix_us,arrived_unix_us` per pair of [`pairs`], in arrival order.
+pub fn write_pairs(path: &Path, pairs: &[(u64, u64)]) -> anyhow::Result<()> {
     use std::fmt::Write as _;
     let mut csv = String::from("admitted_unix_us,arrived_unix_us\n");
-    for (arr, adm) in pairs(admitted, arrivals) {
+    for (arr, adm) in pairs {
         let _ = writeln!(csv, "{adm},{arr}");
     }
     std::fs::write(path, csv).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// `(arrival µs, admission µs)` of every paired request, in arrival order.
-fn pairs(admitted: &[(String, u64)], arrivals: &[RequestRecord]) -> Vec<(u64, u64)> {
+pub fn pairs(admitted: &[(String, u64)], arrivals: &[RequestRecord]) -> Vec<(u64, u64)> {
     let mut by_key: HashMap<&str, VecDeque<u64>> = HashMap::new();
     for (key, at) in admitted {
         by_key.entry(key.as_str()).or_default().push_back(*at);
@@ -96,8 +92,12 @@ fn pairs(admitted: &[(String, u64)], arrivals: &[RequestRecord]) -> Vec<(u64, u6
 
 /// Pairs admissions with arrivals and measures the transit.
 pub fn analyse(admitted: &[(String, u64)], arrivals: &[RequestRecord]) -> Transit {
+    analyse_pairs(admitted, &pairs(admitted, arrivals))
+}
+
+/// Measures the transit of `pairs` (from [`pairs`]) of the `admitted` sends.
+pub fn analyse_pairs(admitted: &[(String, u64)], pairs: &[(u64, u64)]) -> Transit {
     let first = admitted.iter().map(|(_, at)| *at).min().unwrap_or(0);
-    let pairs = pairs(admitted, arrivals);
     let mut t = Transit {
         admitted: admitted.len() as u64,
         paired: pairs.len() as u64,
