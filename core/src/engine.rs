@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{FixedOffset, Utc};
 use rand::Rng;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, trace, warn};
@@ -344,11 +344,12 @@ impl Engine {
             let current = fresh.take().unwrap_or_else(|| queue.borrow_and_update().clone());
             let Some(head) = current.into_iter().next() else {
                 // Idle: take discovery's next publication, or look for ourselves every
-                // `gate_poll`, so a campaign set RUNNING starts within a fraction of a second.
+                // `IDLE_LOOK` (at most `gate_poll`), so a campaign set RUNNING starts within a
+                // tenth of a second: the look is one indexed read of `campaigns`.
                 tokio::select! {
                     _ = queue.changed() => continue,
-                    _ = tokio::time::sleep(self.settings.gate_poll) => {
-                        fresh = self.reread_queue().await;
+                    _ = tokio::time::sleep(IDLE_LOOK.min(self.settings.gate_poll)) => {
+                        fresh = self.look_for_running().await;
                         continue;
                     }
                     _ = shutdown.cancelled() => break,
@@ -600,6 +601,17 @@ impl Engine {
         }
     }
 
+    /// The queue if any campaign is RUNNING (an empty one if none is); `None` if the database
+    /// cannot be read.
+    async fn look_for_running(&self) -> Option<Vec<CampaignRow>> {
+        let mut c = conn(&self.pool).await.ok()?;
+        if repo::any_running(&mut c).await.ok()? {
+            repo::running_queue(&mut c).await.ok()
+        } else {
+            Some(Vec::new())
+        }
+    }
+
     async fn reread_queue(&self) -> Option<Vec<CampaignRow>> {
         let mut c = conn(&self.pool).await.ok()?;
         repo::running_queue(&mut c).await.ok()
@@ -674,7 +686,9 @@ impl Engine {
                     + self.stats.dead.load(Ordering::Relaxed),
             ),
             replanning: false,
+            settled: Arc::new(Notify::new()),
         };
+        let settled = held.settled.clone();
 
         // Take partitions at once, then keep leases renewed and shares balanced; watch for
         // completion while the gate is open.
@@ -696,7 +710,14 @@ impl Engine {
                         self.complete_check(&held, &gate, &actor).await;
                     }
                 }
+                // Every `idle_poll`, and at once when a partition may have finished (its worker
+                // found nothing to claim, or its last outcomes were committed).
                 _ = tick.tick() => {
+                    if held.serving() > 0 && held.all_idle() {
+                        self.complete_check(&held, &gate, &actor).await;
+                    }
+                }
+                _ = settled.notified() => {
                     if held.serving() > 0 && held.all_idle() {
                         self.complete_check(&held, &gate, &actor).await;
                     }
@@ -1126,6 +1147,7 @@ impl Engine {
             outstanding: outstanding.clone(),
             stats: self.stats.clone(),
             give_up: held.give_up.clone(),
+            settled: held.settled.clone(),
         };
         let writer =
             tokio::spawn(writer.run(out_rx).instrument(info_span!("writer", partition = n)));
@@ -1144,6 +1166,7 @@ impl Engine {
             idle: idle.clone(),
             cursor: Mutex::new(repo::ClaimCursor::start()),
             rescanned: Mutex::new(Instant::now()),
+            settled: held.settled.clone(),
         };
         let worker = tokio::spawn(worker.run().instrument(info_span!("worker", partition = n)));
         held.parts.insert(
@@ -1190,6 +1213,9 @@ impl Engine {
 /// PENDING bucket slices counted in parallel when a campaign is first planned (plus two ranges
 /// for the other statuses): four keep both cores of a small database server busy.
 const PLAN_COUNT_SLICES: u16 = 4;
+
+/// How often an idle engine looks for a RUNNING campaign itself (besides discovery's queue).
+const IDLE_LOOK: Duration = Duration::from_millis(50);
 
 /// Rows of a partition's first claim (see [`Worker::step`]).
 const FIRST_CLAIM: u32 = 100;
@@ -1247,6 +1273,10 @@ struct Held {
     last_done: (Instant, u64),
     /// The last lease step saw a re-plan pending or just applied.
     replanning: bool,
+    /// Woken when a partition may have finished: its worker found nothing to claim, or its
+    /// writer committed the last outstanding outcome. The completion check then runs at once
+    /// instead of at the next `idle_poll` tick.
+    settled: Arc<Notify>,
 }
 
 impl Held {
@@ -1342,6 +1372,8 @@ struct Worker {
     cursor: Mutex<repo::ClaimCursor>,
     /// When a claim last started from the beginning of the partition.
     rescanned: Mutex<Instant>,
+    /// Told when the worker becomes idle (see [`Held::settled`]).
+    settled: Arc<Notify>,
 }
 
 /// The longest a worker claims onwards from its cursor before starting over from the beginning
@@ -1356,7 +1388,9 @@ impl Worker {
             match self.step().await {
                 Ok(0) => {
                     failures = 0;
-                    self.idle.store(true, Ordering::SeqCst);
+                    if !self.idle.swap(true, Ordering::SeqCst) {
+                        self.settled.notify_one();
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(self.settings.idle_poll) => {}
                         _ = self.stop.cancelled() => {}
@@ -1698,6 +1732,8 @@ struct Writer {
     outstanding: Arc<AtomicUsize>,
     stats: Arc<Stats>,
     give_up: CancellationToken,
+    /// Told when the last outstanding outcome of the partition is committed.
+    settled: Arc<Notify>,
 }
 
 impl Writer {
@@ -1755,7 +1791,9 @@ impl Writer {
                         };
                         counter.fetch_add(1, Ordering::Relaxed);
                     }
-                    self.outstanding.fetch_sub(buf.len(), Ordering::SeqCst);
+                    if self.outstanding.fetch_sub(buf.len(), Ordering::SeqCst) == buf.len() {
+                        self.settled.notify_one();
+                    }
                     if failures > 0 {
                         info!(campaign.id = %self.campaign, "outcomes committed again after {failures} failed tries");
                     }

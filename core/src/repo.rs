@@ -152,6 +152,15 @@ pub async fn running_queue(conn: &mut AsyncMysqlConnection) -> QResult<Vec<Campa
     running_campaigns(conn).await
 }
 
+/// Whether any campaign is RUNNING (one probe of the status index; nothing is written).
+pub async fn any_running(conn: &mut AsyncMysqlConnection) -> QResult<bool> {
+    let rows: Vec<StatusRow> =
+        diesel::sql_query("SELECT status FROM campaigns WHERE status = 'RUNNING' LIMIT 1")
+            .load(conn)
+            .await?;
+    Ok(!rows.is_empty())
+}
+
 /// RUNNING campaigns in queue order, without touching queue positions (for sweeps that only
 /// read the set).
 pub async fn running_campaigns(conn: &mut AsyncMysqlConnection) -> QResult<Vec<CampaignRow>> {

@@ -19,6 +19,9 @@ use payout_core::domain::OperatorCommand;
 
 use crate::config::{LogFormat, Settings};
 
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "payoutd",

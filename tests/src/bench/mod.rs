@@ -184,8 +184,12 @@ impl BenchConfig {
             bail!("--max-in-flight must be at least 1");
         }
         for (k, _) in &self.daemon_env {
-            if !k.starts_with("PAYOUTD_") {
-                bail!("--daemon-env {k}: only PAYOUTD_* variables");
+            // The daemon's configuration, and the runtime's and allocator's own knobs.
+            if !["PAYOUTD_", "TOKIO_", "MALLOC_", "GLIBC_TUNABLES"].iter().any(|p| k.starts_with(p))
+            {
+                bail!(
+                    "--daemon-env {k}: only PAYOUTD_*, TOKIO_*, MALLOC_* and GLIBC_TUNABLES variables"
+                );
             }
         }
         Ok(())
@@ -359,6 +363,9 @@ pub struct BenchReport {
     pub bench_cpu_secs: Option<f64>,
     /// Share of all cores busy over the run, whoever used them.
     pub machine_cpu_busy_pct: Option<f64>,
+    /// CPU seconds the hypervisor took from this virtual machine over the run (`steal` in
+    /// `/proc/stat`): while it does, the daemon, MariaDB and money-sim all stall together.
+    pub machine_steal_secs: Option<f64>,
     /// CPU seconds used over the run by processes other than the daemon, MariaDB, money-sim
     /// and the bench: other people's builds and tests.
     pub other_cpu_secs: Option<f64>,
@@ -861,6 +868,7 @@ async fn run_in(
     report.bench_cpu_secs = delta(cpu1.bench, cpu0.bench);
     if let (Some(s1), Some(s0)) = (cpu1.system, cpu0.system) {
         report.machine_cpu_busy_pct = Some((s1.busy_pct_since(&s0) * 10.0).round() / 10.0);
+        report.machine_steal_secs = Some(round3(s1.steal_secs_since(&s0)));
         let ours = [
             report.daemon_cpu_secs,
             report.other_instances_cpu_secs,
@@ -1108,12 +1116,13 @@ pub fn summary(r: &BenchReport) -> String {
         }
         let _ = writeln!(
             s,
-            "  CPU over the run      MariaDB {} s, money-sim {} s, bench {} s, others {} s; machine {} % busy",
+            "  CPU over the run      MariaDB {} s, money-sim {} s, bench {} s, others {} s; machine {} % busy, {} s stolen by the hypervisor",
             opt2(r.mariadb_cpu_secs),
             opt2(r.sim_cpu_secs),
             opt2(r.bench_cpu_secs),
             opt2(r.other_cpu_secs),
             opt1(r.machine_cpu_busy_pct),
+            opt2(r.machine_steal_secs),
         );
         let counts: Vec<String> = r.final_counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(s, "  rows                  {}", counts.join(", "));

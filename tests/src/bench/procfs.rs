@@ -74,6 +74,8 @@ pub fn mariadb_pid() -> Option<u32> {
 pub struct SystemCpu {
     busy: u64,
     total: u64,
+    /// Time the hypervisor ran something else while this machine wanted to run.
+    steal: u64,
 }
 
 impl SystemCpu {
@@ -84,12 +86,19 @@ impl SystemCpu {
         // user nice system idle iowait irq softirq steal (guest time is already in user).
         let total: u64 = v.iter().take(8).sum();
         let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-        Some(SystemCpu { busy: total.saturating_sub(idle), total })
+        let steal = v.get(7).copied().unwrap_or(0);
+        Some(SystemCpu { busy: total.saturating_sub(idle), total, steal })
     }
 
     /// CPU seconds all cores spent busy since `earlier` (every process on the machine).
     pub fn busy_secs_since(&self, earlier: &SystemCpu) -> f64 {
         self.busy.saturating_sub(earlier.busy) as f64 / clk_tck()
+    }
+
+    /// CPU seconds the hypervisor took from this machine since `earlier` (a virtual machine
+    /// that waits for its host: every process here stalls at once).
+    pub fn steal_secs_since(&self, earlier: &SystemCpu) -> f64 {
+        self.steal.saturating_sub(earlier.steal) as f64 / clk_tck()
     }
 
     /// Share of all cores' time that was busy since `earlier`, in percent.
