@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Makes sure cargo and a C compiler are available (ring, the TLS crypto, builds C code).
+# Makes sure cargo, a C compiler and make are available (ring, the TLS crypto, builds C code;
+# jemalloc, payoutd's allocator, builds with make).
 set -euo pipefail
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-if ! command -v cc >/dev/null 2>&1; then
+if ! command -v cc >/dev/null 2>&1 || ! command -v make >/dev/null 2>&1; then
   echo "ensure-rust: installing a C toolchain (apt-get)" >&2
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq >&2 && $SUDO apt-get install -y -qq build-essential curl ca-certificates >&2
