@@ -1376,6 +1376,11 @@ struct Worker {
     settled: Arc<Notify>,
 }
 
+/// After an empty claim while the partition still counts PENDING rows, the worker claims again
+/// after `SKIPPED_WAIT`, up to `SKIPPED_RETRIES` times in a row, before it waits `idle_poll`.
+const SKIPPED_WAIT: Duration = Duration::from_millis(20);
+const SKIPPED_RETRIES: u32 = 25;
+
 /// The longest a worker claims onwards from its cursor before starting over from the beginning
 /// of its partition, so rows that became PENDING again behind the cursor (a retry swept back, a
 /// released row) wait at most about this long.
@@ -1384,10 +1389,22 @@ const RESCAN_EVERY: Duration = Duration::from_secs(5);
 impl Worker {
     async fn run(self) {
         let mut failures: u32 = 0;
+        // Empty claims in a row while the partition still counted PENDING rows.
+        let mut skipped: u32 = 0;
         while !self.stop.is_cancelled() {
             match self.step().await {
+                Ok(0) if skipped < SKIPPED_RETRIES && self.pending_left().await => {
+                    // `SKIP LOCKED` passed over rows that are still PENDING: claim again soon
+                    // rather than calling the partition idle for a whole `idle_poll`.
+                    skipped += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(SKIPPED_WAIT) => {}
+                        _ = self.stop.cancelled() => {}
+                    }
+                }
                 Ok(0) => {
                     failures = 0;
+                    skipped = 0;
                     if !self.idle.swap(true, Ordering::SeqCst) {
                         self.settled.notify_one();
                     }
@@ -1396,7 +1413,10 @@ impl Worker {
                         _ = self.stop.cancelled() => {}
                     }
                 }
-                Ok(_) => failures = 0,
+                Ok(_) => {
+                    failures = 0;
+                    skipped = 0;
+                }
                 Err(e) => {
                     failures += 1;
                     let wait = Duration::from_millis(100 * u64::from(failures.min(10)));
@@ -1410,6 +1430,19 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Whether the partition still has PENDING rows (a claim just came back empty). A failed
+    /// count says no: the partition then waits `idle_poll` as after any empty claim.
+    async fn pending_left(&self) -> bool {
+        if self.stop.is_cancelled() {
+            return false;
+        }
+        let Ok(mut c) = conn(&self.pool).await else { return false };
+        matches!(
+            repo::pending_in_slice(&mut c, self.kind.table(), self.campaign, &self.slice).await,
+            Ok(n) if n > 0
+        )
     }
 
     /// Claims one batch and queues its requests. Returns the number of rows claimed.

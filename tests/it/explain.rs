@@ -161,6 +161,11 @@ async fn claiming_status_completion_and_retries_use_the_claim_index() -> anyhow:
                  AND (bucket > 300 OR (bucket = 300 AND id > 1000)) \
                  ORDER BY bucket, id LIMIT 1000"
             ),
+            // repo::pending_in_slice (after an empty claim)
+            format!(
+                "SELECT COUNT(*) AS n FROM {table} FORCE INDEX (ix_{table}_claim) \
+                 WHERE event_id = {id} AND status = 'PENDING' AND bucket >= 210 AND bucket < 420"
+            ),
             // repo::recover_in_flight
             format!(
                 "UPDATE {table} SET status = 'PENDING', claimed_by = NULL, updated_at = NOW(3) \
