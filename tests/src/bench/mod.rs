@@ -52,6 +52,19 @@ pub enum Kind {
     Voucher,
 }
 
+/// How the bench schedules a money-sim child process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SimPriority {
+    /// Every thread at nice −10 (where allowed).
+    #[default]
+    Nice,
+    /// Every thread under SCHED_FIFO priority 10 (where allowed; else nice −10).
+    Fifo,
+    /// As started.
+    Normal,
+}
+
 impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -98,6 +111,8 @@ pub struct BenchConfig {
     pub batch_size: Option<u32>,
     /// Run money-sim as a child process (its CPU measured apart).
     pub sim_process: bool,
+    /// How a money-sim child process is scheduled.
+    pub sim_priority: SimPriority,
     /// Only the database-only ceiling, no daemon and no HTTP.
     pub db_only: bool,
     /// The database-only ceiling on a second campaign first, then the end-to-end run.
@@ -143,6 +158,7 @@ impl Default for BenchConfig {
             max_in_flight: None,
             batch_size: None,
             sim_process: false,
+            sim_priority: SimPriority::default(),
             db_only: false,
             db_ceiling: false,
             status_only: false,
@@ -359,6 +375,9 @@ pub struct BenchReport {
     pub mariadb_cpu_secs: Option<f64>,
     /// money-sim's CPU seconds over the run (`sim_process` only).
     pub sim_cpu_secs: Option<f64>,
+    /// How money-sim's threads were scheduled (`sim_process` only): "SCHED_FIFO 10",
+    /// "nice -10" or "normal".
+    pub sim_priority: Option<String>,
     /// The bench process's CPU seconds over the run (includes an in-process money-sim).
     pub bench_cpu_secs: Option<f64>,
     /// Share of all cores busy over the run, whoever used them.
@@ -628,7 +647,8 @@ async fn run_in(
             Some(p) => p.clone(),
             None => beside_exe("money-sim")?,
         };
-        sim::Sim::process(&path, &sim_cfg, &log_path(out, "money-sim.log")).await?
+        sim::Sim::process(&path, &sim_cfg, cfg.sim_priority, &log_path(out, "money-sim.log"))
+            .await?
     } else {
         sim::Sim::in_process(sim_cfg).await?
     };
@@ -865,6 +885,7 @@ async fn run_in(
     report.daemon_cpu_secs_total = daemon_cpu_total.map(round3);
     report.mariadb_cpu_secs = delta(cpu1.mariadb, cpu0.mariadb);
     report.sim_cpu_secs = delta(cpu1.sim, cpu0.sim);
+    report.sim_priority = sim.priority().map(str::to_owned);
     report.bench_cpu_secs = delta(cpu1.bench, cpu0.bench);
     if let (Some(s1), Some(s0)) = (cpu1.system, cpu0.system) {
         report.machine_cpu_busy_pct = Some((s1.busy_pct_since(&s0) * 10.0).round() / 10.0);
@@ -963,7 +984,10 @@ pub fn summary(r: &BenchReport) -> String {
             },
             cfg.latency_ms,
             cfg.jitter_ms,
-            if cfg.sim_process { " (child process)" } else { " (in process)" },
+            match &r.sim_priority {
+                Some(p) => format!(" (child process, {p})"),
+                None => " (in process)".to_owned(),
+            },
             r.partitioning,
         );
     }

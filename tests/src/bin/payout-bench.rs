@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use payout_tests::bench::{self, BenchConfig, Kind};
+use payout_tests::bench::{self, BenchConfig, Kind, SimPriority};
 use tracing_subscriber::EnvFilter;
 
 /// End-to-end benchmark of payoutd against money-sim on a fresh MariaDB database.
@@ -45,6 +45,10 @@ struct Args {
     /// Run money-sim as a child process (its CPU is measured apart from the bench's).
     #[arg(long)]
     sim_process: bool,
+    /// How the money-sim child process is scheduled: every thread at nice -10, under
+    /// SCHED_FIFO 10, or as started.
+    #[arg(long, value_enum, default_value_t = SimPriority::Nice)]
+    sim_priority: SimPriority,
     /// Measure only the database-only ceiling (claim, load, write back, complete; no HTTP).
     #[arg(long, conflicts_with = "db_ceiling")]
     db_only: bool,
@@ -117,6 +121,7 @@ async fn main() -> std::process::ExitCode {
         max_in_flight: a.max_in_flight,
         batch_size: a.batch_size,
         sim_process: a.sim_process,
+        sim_priority: a.sim_priority,
         db_only: a.db_only,
         db_ceiling: a.db_ceiling,
         status_only: a.status_only,
