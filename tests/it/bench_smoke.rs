@@ -45,6 +45,9 @@ async fn a_small_benchmark_run_writes_sane_figures() -> anyhow::Result<()> {
     assert!(num("seconds") > 0.0, "{summary}");
     // 3,000 rows at 1,000/s cannot take less than ~3 s.
     assert!(num("seconds") >= 2.9, "{summary}");
+    // The monotonic time is read at the 100 ms poll that saw COMPLETED.
+    assert!(num("seconds_monotonic") >= 2.9, "{summary}");
+    assert!((num("seconds_monotonic") - num("seconds")).abs() < 1.0, "{summary}");
     assert!(num("rows_per_sec") > 0.0 && num("rows_per_sec") <= 1000.0, "{summary}");
     assert!(num("achieved_rate_over_limit") > 0.0, "{summary}");
     assert!(num("load_secs") > 0.0, "{summary}");

@@ -322,6 +322,10 @@ pub struct BenchReport {
 
     /// UPDATE … RUNNING → COMPLETED (`campaigns.completed_at`, the database's clock).
     pub seconds: Option<f64>,
+    /// The same on the bench's monotonic clock, to the poll that saw COMPLETED (up to 100 ms
+    /// late). Well below `seconds` when the whole machine was frozen meanwhile: the wall clock
+    /// counts such a pause, `CLOCK_MONOTONIC` (and so every rate window here) does not.
+    pub seconds_monotonic: Option<f64>,
     pub rows_per_sec: Option<f64>,
     /// The daemon's limit; `None` when unlimited.
     pub limit: Option<u32>,
@@ -730,13 +734,13 @@ async fn run_in(
     let mut peak_rss = None;
     let mut last_progress = Instant::now();
     let mut last_status = Instant::now();
-    loop {
+    let seen_completed = loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let status: Option<String> =
             conn.query_first(format!("SELECT status FROM campaigns WHERE id = {CAMPAIGN}")).await?;
         peak_rss = procfs::peak_rss_mib(daemon.pid).or(peak_rss);
         match status.as_deref() {
-            Some("COMPLETED") => break,
+            Some("COMPLETED") => break running.elapsed(),
             Some("RUNNING") => {}
             other => {
                 let reason: Option<Option<String>> = conn
@@ -782,7 +786,7 @@ async fn run_in(
                 format!("  {secs:6.1} s: {done} rows done ({:.0} rows/s)", done as f64 / secs),
             );
         }
-    }
+    };
     let cpu1 = CpuSnapshot::now(Some(daemon.pid), mariadb, sim.pid());
     let daemon_cpu_total = procfs::cpu_secs(daemon.pid);
     if !others.is_empty() {
@@ -813,6 +817,21 @@ async fn run_in(
     let seconds =
         completed_us.map(|us| us as f64 / 1e6).unwrap_or_else(|| running.elapsed().as_secs_f64());
     report.seconds = Some(round3(seconds));
+    report.seconds_monotonic = Some(round3(seen_completed.as_secs_f64()));
+    let frozen = seconds - seen_completed.as_secs_f64();
+    if frozen > 1.0 {
+        let mono = seen_completed.as_secs_f64();
+        let share = if cfg.limit > 0 {
+            format!(", {:.2} % of the limit", cfg.rows as f64 / mono / f64::from(cfg.limit) * 100.0)
+        } else {
+            String::new()
+        };
+        report.notes.push(format!(
+            "the wall clock counted {frozen:.1} s more than the monotonic clock: the machine was \
+             frozen that long (see machine_steal_secs); on the monotonic clock the run took \
+             {mono:.2} s{share}"
+        ));
+    }
     report.rows_per_sec = Some(round3(cfg.rows as f64 / seconds.max(1e-9)));
     if cfg.limit > 0 {
         report.limit = Some(cfg.limit);
