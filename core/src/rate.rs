@@ -227,6 +227,16 @@ mod tests {
         NonZeroU32::new(n).unwrap()
     }
 
+    /// An empty send log over one second.
+    fn window(limit: usize, cold_start: usize) -> SendWindow {
+        SendWindow {
+            limit,
+            length: Duration::from_secs(1),
+            cold_start,
+            sends: Mutex::new(VecDeque::new()),
+        }
+    }
+
     #[test]
     fn pacing_keeps_99_percent_of_the_limit_with_the_default_slack() {
         for limit in [1, 10, 200, 1000, 5000, 20_000] {
@@ -239,12 +249,7 @@ mod tests {
 
     #[test]
     fn the_send_log_refuses_a_send_that_would_overfill_a_window() {
-        let w = SendWindow {
-            limit: 3,
-            length: Duration::from_secs(1),
-            cold_start: 0,
-            sends: Mutex::new(VecDeque::new()),
-        };
+        let w = window(3, 0);
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
         assert_eq!(w.try_admit(ms(0)), Ok(()));
@@ -258,12 +263,7 @@ mod tests {
 
     #[test]
     fn a_cold_start_holds_places_back_for_one_window() {
-        let w = SendWindow {
-            limit: 10,
-            length: Duration::from_secs(1),
-            cold_start: 3,
-            sends: Mutex::new(VecDeque::new()),
-        };
+        let w = window(10, 3);
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
         // The first window after an empty log carries 10 - 3 sends.

@@ -817,10 +817,10 @@ async fn run_in(
     let seconds =
         completed_us.map(|us| us as f64 / 1e6).unwrap_or_else(|| running.elapsed().as_secs_f64());
     report.seconds = Some(round3(seconds));
-    report.seconds_monotonic = Some(round3(seen_completed.as_secs_f64()));
-    let frozen = seconds - seen_completed.as_secs_f64();
+    let mono = seen_completed.as_secs_f64();
+    report.seconds_monotonic = Some(round3(mono));
+    let frozen = seconds - mono;
     if frozen > 1.0 {
-        let mono = seen_completed.as_secs_f64();
         let share = if cfg.limit > 0 {
             format!(", {:.2} % of the limit", cfg.rows as f64 / mono / f64::from(cfg.limit) * 100.0)
         } else {
