@@ -128,8 +128,9 @@ async fn grant(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
-    let ticket = sim.log_arrival(key, endpoint);
-    match process(sim, endpoint, conn, headers, body).await {
+    let arrived = sim.arrival(conn.take_received());
+    let ticket = sim.log_arrival(key, endpoint, arrived);
+    match process(sim, endpoint, conn, headers, body, arrived).await {
         Reply::Granted { transaction_id, replayed } => {
             sim.log_answer(ticket, Some(200), replayed);
             Json(GrantOk { transaction_id: &transaction_id, replayed }).into_response()
@@ -191,8 +192,9 @@ async fn process(
     conn: &ConnHandle,
     headers: &HeaderMap,
     raw: Result<Bytes, BytesRejection>,
+    arrived: Duration,
 ) -> Reply {
-    if sim.arrive() == Admission::RateLimited {
+    if sim.arrive(arrived) == Admission::RateLimited {
         return ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",

@@ -1,15 +1,28 @@
-//! The TCP listener behind axum, extended so a handler can close its own connection without
-//! answering (the `reset` outage): each accepted socket keeps a duplicate descriptor, reachable
-//! from handlers through `ConnectInfo<ConnHandle>`, on which the handler calls
-//! `shutdown(Both)`. The client sees the connection closed before any response byte.
+//! The TCP listener behind axum, extended in two ways:
+//!
+//! * A handler can close its own connection without answering (the `reset` outage): each
+//!   accepted socket keeps a duplicate descriptor, reachable from handlers through
+//!   `ConnectInfo<ConnHandle>`, on which the handler calls `shutdown(Both)`. The client sees the
+//!   connection closed before any response byte.
+//! * A handler knows when its request reached the host: every read asks the kernel for the
+//!   receive time of the bytes it returns (`SO_TIMESTAMPNS`), and [`ConnHandle::take_received`]
+//!   gives the latest. Money runs on hosts of its own; money-sim shares two cores with payoutd
+//!   and MariaDB, and a packet capture showed its handlers reading requests up to 30 ms after
+//!   they had arrived (opening hundreds of connections at a start, or simply not scheduled),
+//!   while the requests on the wire never exceeded the limit in any second. The rate limit and
+//!   the arrival log count the kernel's time, as a host that is never starved would.
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::connect_info::Connected;
 use axum::serve::{IncomingStream, Listener};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Pause after an accept error that is not about one connection (e.g. out of descriptors).
@@ -22,6 +35,9 @@ pub(crate) struct SimListener {
 
 impl SimListener {
     pub(crate) fn new(inner: TcpListener) -> Self {
+        // Accepted sockets inherit the option; asking on the listener also makes the kernel
+        // turn receive times on (which it does in the background) before the first request.
+        enable_receive_times(&inner);
         SimListener { inner }
     }
 }
@@ -32,12 +48,26 @@ pub(crate) struct ConnHandle {
     /// The duplicate descriptor; `None` if it could not be made (or for the listener's own
     /// address).
     closer: Option<Arc<std::net::TcpStream>>,
+    /// Kernel receive time of the bytes of the latest read, in ns since the Unix epoch; 0 until
+    /// a read carried one.
+    received: Arc<AtomicU64>,
 }
 
 impl ConnHandle {
     /// Whether [`ConnHandle::drop_connection`] can close this connection.
     pub(crate) fn can_drop(&self) -> bool {
         self.closer.is_some()
+    }
+
+    /// When the kernel received the bytes of this connection's latest read, on the wall clock,
+    /// and forgets it, so a later request never gets an earlier request's time. HTTP/1.1 sends
+    /// one request at a time on a connection, so when a handler starts, that is when its
+    /// request arrived. `None` when the kernel gave no time.
+    pub(crate) fn take_received(&self) -> Option<SystemTime> {
+        match self.received.swap(0, Ordering::Relaxed) {
+            0 => None,
+            ns => Some(UNIX_EPOCH + Duration::from_nanos(ns)),
+        }
     }
 
     /// Closes the connection in both directions without an answer. An error means the socket
@@ -53,10 +83,10 @@ impl ConnHandle {
 }
 
 impl Listener for SimListener {
-    type Io = TcpStream;
+    type Io = StampedStream;
     type Addr = ConnHandle;
 
-    async fn accept(&mut self) -> (TcpStream, ConnHandle) {
+    async fn accept(&mut self) -> (StampedStream, ConnHandle) {
         loop {
             match self.inner.accept().await {
                 Ok((stream, _remote)) => {
@@ -65,7 +95,9 @@ impl Listener for SimListener {
                         tracing::debug!(%error, "money-sim could not set TCP_NODELAY");
                     }
                     let closer = duplicate(&stream).map(Arc::new);
-                    return (stream, ConnHandle { closer });
+                    let stream = StampedStream::new(stream);
+                    let received = stream.received.clone();
+                    return (stream, ConnHandle { closer, received });
                 }
                 Err(error) if is_per_connection(&error) => {}
                 Err(error) => {
@@ -78,7 +110,9 @@ impl Listener for SimListener {
 
     fn local_addr(&self) -> io::Result<ConnHandle> {
         // Only called for diagnostics; the listener itself has no connection to close.
-        self.inner.local_addr().map(|_: SocketAddr| ConnHandle { closer: None })
+        self.inner
+            .local_addr()
+            .map(|_: SocketAddr| ConnHandle { closer: None, received: Arc::default() })
     }
 }
 
@@ -86,6 +120,136 @@ impl Connected<IncomingStream<'_, SimListener>> for ConnHandle {
     fn connect_info(stream: IncomingStream<'_, SimListener>) -> Self {
         stream.remote_addr().clone()
     }
+}
+
+/// A TCP stream whose reads note the kernel's receive time of the bytes they return.
+#[derive(Debug)]
+pub(crate) struct StampedStream {
+    inner: TcpStream,
+    /// See [`ConnHandle::take_received`]; shared with the connection's handle.
+    received: Arc<AtomicU64>,
+    /// The kernel was asked for receive times (else reads are plain reads).
+    stamping: bool,
+}
+
+impl StampedStream {
+    pub(crate) fn new(inner: TcpStream) -> Self {
+        let stamping = enable_receive_times(&inner);
+        StampedStream { inner, received: Arc::default(), stamping }
+    }
+
+    /// Kernel receive time of the latest read's bytes (see [`ConnHandle::take_received`]).
+    #[cfg(test)]
+    pub(crate) fn received(&self) -> Option<SystemTime> {
+        ConnHandle { closer: None, received: self.received.clone() }.take_received()
+    }
+}
+
+impl AsyncRead for StampedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.stamping {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        loop {
+            ready!(this.inner.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match this.inner.try_io(Interest::READABLE, || read_stamped(&this.inner, unfilled)) {
+                Ok((n, at)) => {
+                    if let Some(ns) = at {
+                        this.received.store(ns, Ordering::Relaxed);
+                    }
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for StampedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Asks the kernel to attach a receive time to what reads return; false where it cannot.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn enable_receive_times(socket: &impl std::os::fd::AsFd) -> bool {
+    use nix::sys::socket::{setsockopt, sockopt::ReceiveTimestampns};
+    match setsockopt(socket, ReceiveTimestampns, &true) {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::debug!(%error, "money-sim could not ask for receive times; arrivals are stamped when read");
+            false
+        }
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn enable_receive_times<S>(_socket: &S) -> bool {
+    false
+}
+
+/// One non-blocking `recvmsg`: the bytes read and the kernel's receive time of the last of
+/// them (ns since the Unix epoch), if it gave one.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn read_stamped(stream: &TcpStream, into: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
+    use std::io::IoSliceMut;
+    use std::os::fd::AsRawFd as _;
+
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+
+    let mut control = nix::cmsg_space!(nix::sys::time::TimeSpec);
+    let mut iov = [IoSliceMut::new(into)];
+    let msg =
+        recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut control), MsgFlags::MSG_DONTWAIT)
+            .map_err(io::Error::from)?;
+    let mut at = None;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for cmsg in cmsgs {
+            if let ControlMessageOwned::ScmTimestampns(ts) = cmsg {
+                let ns = i128::from(ts.tv_sec()) * 1_000_000_000 + i128::from(ts.tv_nsec());
+                at = u64::try_from(ns).ok().filter(|&ns| ns > 0);
+            }
+        }
+    }
+    Ok((msg.bytes, at))
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn read_stamped(_stream: &TcpStream, _into: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
 }
 
 #[cfg(unix)]
@@ -112,4 +276,40 @@ fn is_per_connection(error: &io::Error) -> bool {
             | io::ErrorKind::ConnectionAborted
             | io::ErrorKind::ConnectionReset
     )
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    #[tokio::test]
+    async fn a_read_notes_when_the_kernel_received_the_bytes_not_when_they_were_read() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut server = StampedStream::new(server);
+        assert!(server.stamping, "SO_TIMESTAMPNS refused");
+        assert!(server.received().is_none());
+        // The kernel turns receive times on for the whole stack in the background.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        let sent = SystemTime::now();
+        client.write_all(b"POST /grants HTTP/1.1\r\n").await.unwrap();
+        // The bytes wait in the socket while the reader is busy elsewhere.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut buf = [0u8; 64];
+        let n = server.read(&mut buf).await.unwrap();
+        let read_at = SystemTime::now();
+        assert_eq!(&buf[..n], b"POST /grants HTTP/1.1\r\n");
+
+        let received = server.received().expect("the kernel gives receive times on Linux");
+        let after_send = received.duration_since(sent).unwrap_or_default();
+        let before_read = read_at.duration_since(received).unwrap();
+        assert!(after_send < Duration::from_millis(50), "received {after_send:?} after the send");
+        assert!(
+            before_read >= Duration::from_millis(150),
+            "received only {before_read:?} before the read"
+        );
+    }
 }

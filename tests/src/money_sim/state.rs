@@ -22,6 +22,9 @@ use super::{
 const MAX_OUTAGE: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Status counters cover every valid HTTP status code.
 const STATUS_SLOTS: usize = 600;
+/// The furthest back a kernel receive time may date an arrival: beyond it, the time is taken as
+/// wrong (the wall clock stepped) and the arrival counts as received this long ago.
+const MAX_RECEIVE_LAG: Duration = Duration::from_millis(500);
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Critical sections cannot panic half-way through an update, so a poisoned lock still
@@ -219,6 +222,8 @@ struct RequestLog {
     /// Bumped by every reset, so an answer to a request logged before it is not filed after it.
     generation: u64,
     arrivals: Vec<Arrival>,
+    /// The latest arrival time logged.
+    latest: Duration,
 }
 
 /// Where a request's log entry is, to file its answer there.
@@ -302,12 +307,32 @@ impl Shared {
         }
     }
 
-    /// Logs a grant request as it arrives; the answer is filed with [`Shared::log_answer`].
-    pub(crate) fn log_arrival(&self, key: Option<&str>, endpoint: Endpoint) -> LogTicket {
+    /// When a request arrived, as time since the start: when the kernel received it, if the
+    /// connection knows (see `listener`), else now. A kernel time is trusted up to
+    /// [`MAX_RECEIVE_LAG`] back.
+    pub(crate) fn arrival(&self, received: Option<std::time::SystemTime>) -> Duration {
+        let now = self.started.elapsed();
+        let lag = received
+            .and_then(|at| std::time::SystemTime::now().duration_since(at).ok())
+            .unwrap_or_default()
+            .min(MAX_RECEIVE_LAG);
+        now.saturating_sub(lag)
+    }
+
+    /// Logs a grant request that arrived at `arrived` (see [`Shared::arrival`]); the answer is
+    /// filed with [`Shared::log_answer`].
+    pub(crate) fn log_arrival(
+        &self,
+        key: Option<&str>,
+        endpoint: Endpoint,
+        arrived: Duration,
+    ) -> LogTicket {
         let key: Box<str> = Box::from(key.unwrap_or_default());
         let mut log = lock(&self.requests);
-        // Read the clock under the lock so arrival times never decrease along the log.
-        let since_start = self.started.elapsed();
+        // Arrival times never decrease along the log: a request handled after another but
+        // received a little before it counts as arriving with it.
+        let since_start = arrived.max(log.latest);
+        log.latest = since_start;
         let at_ms = u64::try_from(since_start.as_millis()).unwrap_or(u64::MAX);
         let at_unix_us = self.started_unix_us
             + u64::try_from(since_start.as_micros()).unwrap_or(u64::MAX - self.started_unix_us);
@@ -353,11 +378,13 @@ impl Shared {
             .collect()
     }
 
-    pub(crate) fn arrive(&self) -> Admission {
+    /// Counts a grant request that arrived at `arrived` (see [`Shared::arrival`]) against the
+    /// rate limit.
+    pub(crate) fn arrive(&self, arrived: Duration) -> Admission {
         let mut windows = lock(&self.windows);
-        // Read the clock under the lock so the window sees non-decreasing times.
-        let now = self.started.elapsed();
-        windows.arrive(now)
+        // The windows need non-decreasing times, as the log does.
+        let at = arrived.max(windows.latest());
+        windows.arrive(at)
     }
 
     pub(crate) fn api_key_matches(&self, presented: Option<&[u8]>) -> bool {
@@ -554,5 +581,50 @@ impl Shared {
             .enumerate()
             .map(|(index, grant)| grant.record(transaction_id(tx_base, index)))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::money_sim::SimConfig;
+    use std::time::SystemTime;
+
+    fn near(a: Duration, b: Duration) -> bool {
+        a.abs_diff(b) < Duration::from_millis(30)
+    }
+
+    #[test]
+    fn an_arrival_is_dated_by_the_kernel_receive_time_within_a_bound() {
+        let sim = Shared::new(&SimConfig::default());
+        std::thread::sleep(Duration::from_millis(700));
+        let now = sim.started.elapsed();
+        let at = |back_ms: i64| {
+            let t = if back_ms >= 0 {
+                SystemTime::now() - Duration::from_millis(back_ms as u64)
+            } else {
+                SystemTime::now() + Duration::from_millis(back_ms.unsigned_abs())
+            };
+            sim.arrival(Some(t))
+        };
+        assert!(near(sim.arrival(None), now));
+        assert!(near(at(100), now - Duration::from_millis(100)));
+        // A time further back than the bound, or in the future, is not believed.
+        assert!(near(at(5_000), now - MAX_RECEIVE_LAG));
+        assert!(near(at(-1_000), now));
+    }
+
+    #[test]
+    fn arrivals_handled_out_of_order_never_go_back_in_the_log_or_the_windows() {
+        let sim = Shared::new(&SimConfig::default());
+        let ms = Duration::from_millis;
+        let first = sim.log_arrival(Some("a"), Endpoint::Points, ms(50));
+        let second = sim.log_arrival(Some("b"), Endpoint::Points, ms(40));
+        assert_eq!((first.index, second.index), (0, 1));
+        let log = sim.request_records();
+        assert_eq!((log[0].at_ms, log[1].at_ms), (50, 50));
+        assert_eq!(sim.arrive(ms(50)), Admission::Admitted);
+        assert_eq!(sim.arrive(ms(40)), Admission::Admitted);
+        assert_eq!(lock(&sim.windows).latest(), ms(50));
     }
 }

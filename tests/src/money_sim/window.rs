@@ -45,6 +45,11 @@ impl Windows {
         self.requests_total
     }
 
+    /// The latest arrival counted (zero before any).
+    pub(crate) fn latest(&self) -> Duration {
+        self.arrivals.back().copied().unwrap_or_default()
+    }
+
     /// The most arrivals in any half-open window `[t, t + 1s)` so far.
     pub(crate) fn max_in_window(&self) -> u64 {
         self.max_in_window
