@@ -312,4 +312,23 @@ mod tests {
             "received only {before_read:?} before the read"
         );
     }
+
+    #[tokio::test]
+    async fn a_request_sent_before_its_connection_was_accepted_gets_its_receive_time_too() {
+        let listener = SimListener::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut client = TcpStream::connect(listener.inner.local_addr().unwrap()).await.unwrap();
+        let sent = SystemTime::now();
+        client.write_all(b"POST /grants HTTP/1.1\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (server, _) = listener.inner.accept().await.unwrap();
+        let mut server = StampedStream::new(server);
+        let mut buf = [0u8; 64];
+        let n = server.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"POST /grants HTTP/1.1\r\n");
+        let received =
+            server.received().expect("a receive time for bytes queued before the accept");
+        let after_send = received.duration_since(sent).unwrap_or_default();
+        assert!(after_send < Duration::from_millis(50), "received {after_send:?} after the send");
+    }
 }
