@@ -104,16 +104,15 @@ struct SendWindow {
 }
 
 /// Sends in the current window, oldest first, and the places a cold start holds.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct SendLog {
     /// Grown as sends come, never reserved for the limit: the benchmark's "no limit" is
     /// 1,000,000/s, and a ring buffer reserved for that had its tail walk the whole
     /// reservation, touching 16 MiB of pages while it held a few thousand sends.
     sends: VecDeque<Instant>,
-    /// Places held since `held_at` for sends that never happen (a count, not entries: a high
-    /// limit holds many).
-    held: usize,
-    held_at: Option<Instant>,
+    /// Since when, and how many, places are held for sends that never happen (a count, not
+    /// entries: a high limit holds many).
+    held: Option<(Instant, usize)>,
 }
 
 impl SendLog {
@@ -122,20 +121,19 @@ impl SendLog {
         while self.sends.front().is_some_and(|&t| now.duration_since(t) >= length) {
             self.sends.pop_front();
         }
-        if self.held_at.is_some_and(|t| now.duration_since(t) >= length) {
-            self.held = 0;
-            self.held_at = None;
+        if self.held.is_some_and(|(t, _)| now.duration_since(t) >= length) {
+            self.held = None;
         }
     }
 
     /// Places taken in the current window.
     fn taken(&self) -> usize {
-        self.sends.len() + self.held
+        self.sends.len() + self.held.map_or(0, |(_, n)| n)
     }
 
     /// The oldest place taken: held places are never younger than a send.
     fn oldest(&self) -> Option<Instant> {
-        self.held_at.or_else(|| self.sends.front().copied())
+        self.held.map(|(t, _)| t).or_else(|| self.sends.front().copied())
     }
 }
 
@@ -154,8 +152,7 @@ impl SendWindow {
         if log.taken() == 0 && self.cold_start > 0 {
             // A cold start: hold places for sends that never happen, so the first window
             // carries `cold_start` fewer requests.
-            log.held = self.cold_start;
-            log.held_at = Some(now);
+            log.held = Some((now, self.cold_start));
         }
         if log.taken() < self.limit {
             log.sends.push_back(now);
@@ -229,12 +226,7 @@ impl RateLimiter {
             return;
         }
         let next = Current::new(limit_per_sec, self.slack);
-        {
-            let (old, mut new) = (previous.window.lock(), next.window.lock());
-            new.sends.extend(old.sends.iter().copied());
-            new.held = old.held;
-            new.held_at = old.held_at;
-        }
+        *next.window.lock() = previous.window.lock().clone();
         let next = Arc::new(next);
         match self.inner.write() {
             Ok(mut g) => *g = next,

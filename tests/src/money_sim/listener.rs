@@ -64,10 +64,7 @@ impl ConnHandle {
     /// one request at a time on a connection, so when a handler starts, that is when its
     /// request arrived. `None` when the kernel gave no time.
     pub(crate) fn take_received(&self) -> Option<SystemTime> {
-        match self.received.swap(0, Ordering::Relaxed) {
-            0 => None,
-            ns => Some(UNIX_EPOCH + Duration::from_nanos(ns)),
-        }
+        unix_nanos(self.received.swap(0, Ordering::Relaxed))
     }
 
     /// Closes the connection in both directions without an answer. An error means the socket
@@ -141,8 +138,13 @@ impl StampedStream {
     /// Kernel receive time of the latest read's bytes (see [`ConnHandle::take_received`]).
     #[cfg(test)]
     pub(crate) fn received(&self) -> Option<SystemTime> {
-        ConnHandle { closer: None, received: self.received.clone() }.take_received()
+        unix_nanos(self.received.load(Ordering::Relaxed))
     }
+}
+
+/// A time stored as ns since the Unix epoch, 0 standing for none.
+fn unix_nanos(ns: u64) -> Option<SystemTime> {
+    (ns > 0).then(|| UNIX_EPOCH + Duration::from_nanos(ns))
 }
 
 impl AsyncRead for StampedStream {

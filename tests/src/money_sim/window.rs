@@ -1,8 +1,9 @@
 //! Sliding one-second windows over grant-request arrivals: Money's own rate limit and the
 //! peak-rate metric (`max_requests_in_any_second`) that tells whether payoutd kept its limit.
 //!
-//! Times are offsets from the simulator's start so tests can feed synthetic sequences. Callers
-//! must pass non-decreasing times (the simulator reads the clock while holding the lock).
+//! Times are offsets from the simulator's start so tests can feed synthetic sequences. A time
+//! earlier than the latest one counted counts as that latest one: requests received a little
+//! apart can be handled in the other order.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -60,11 +61,13 @@ impl Windows {
         *self = Windows::new(self.limit_per_sec);
     }
 
-    /// Records one arrival at `now` and decides whether the rate limit admits it.
+    /// Records one arrival at `at` (or at the latest arrival, if that is later) and decides whether
+    /// the rate limit admits it.
     ///
     /// The busiest half-open window always starts at some arrival, so it is enough to count,
     /// for each arrival `a`, the arrivals in `(a - 1s, a]`.
-    pub(crate) fn arrive(&mut self, now: Duration) -> Admission {
+    pub(crate) fn arrive(&mut self, at: Duration) -> Admission {
+        let now = at.max(self.latest());
         self.requests_total += 1;
         evict_older_than_window(&mut self.arrivals, now);
         self.arrivals.push_back(now);
