@@ -454,10 +454,12 @@ impl Engine {
             return;
         }
         self.limiter.acquire().await;
-        self.limiter.admit().await;
+        let admitted = self.limiter.admit().await;
         info!(campaign.id = %campaign, "circuit breaker half-open: sending one probe request");
         self.stats.sent.fetch_add(1, Ordering::Relaxed);
-        let result = self.money.grant(&request).await;
+        let limiter = self.limiter.clone();
+        let departed = Box::new(move |at| limiter.departed(admitted, at));
+        let result = self.money.grant_noting_departure(&request, departed).await;
         let signal = Signal::of(&result);
         let error = result.as_ref().err().map(|e| e.to_string());
         let outcome = decide(
@@ -1652,14 +1654,14 @@ impl Dispatcher {
                 // The send log can hold a sender back for up to a second when the share was just
                 // lowered (a partition given up, a re-plan): a request of a partition stopped
                 // meanwhile is released instead of waiting, so the partition drains at once.
-                tokio::select! {
-                    _ = limiter.admit() => {}
+                let admitted = tokio::select! {
+                    admitted = limiter.admit() => admitted,
                     _ = job.stop.cancelled() => {
                         job.release();
                         drop(permit);
                         return;
                     }
-                }
+                };
                 stats.sent.fetch_add(1, Ordering::Relaxed);
                 // Admission on the wall clock, to line up with Money's arrival log when
                 // measuring how unevenly requests travel (`log.filter` `payoutd::sends=trace`).
@@ -1670,7 +1672,9 @@ impl Dispatcher {
                     "admitted"
                 );
                 let started = Instant::now();
-                let result = money.grant(&job.request).await;
+                // A request that leaves late counts in the send log from when it left.
+                let departed = Box::new(move |at| limiter.departed(admitted, at));
+                let result = money.grant_noting_departure(&job.request, departed).await;
                 stats.money_latency.record(started.elapsed());
                 if let Err(MoneyError::Unauthorized) = &result {
                     gate.close(StopReason::Unauthorized);

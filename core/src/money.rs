@@ -7,9 +7,14 @@
 //! an error, a log line or the database.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -177,12 +182,33 @@ impl MoneyClient {
 
     /// Sends one grant request. Never retries by itself.
     pub async fn grant(&self, request: &GrantRequest) -> Result<Granted, MoneyError> {
+        self.send(request, reqwest::Body::from(request.body.clone())).await
+    }
+
+    /// Sends one grant request like [`MoneyClient::grant`], and calls `departed` once with the
+    /// moment the request leaves: when its connection takes the body to write it, right after
+    /// the head, in the same turn (so after any wait for a connection, a handshake or a busy
+    /// scheduler). Not called if the request never reaches a connection.
+    pub async fn grant_noting_departure(
+        &self,
+        request: &GrantRequest,
+        departed: Departure,
+    ) -> Result<Granted, MoneyError> {
+        let body = DepartureBody { data: Some(request.body.clone()), departed: Some(departed) };
+        self.send(request, reqwest::Body::wrap(body)).await
+    }
+
+    async fn send(
+        &self,
+        request: &GrantRequest,
+        body: reqwest::Body,
+    ) -> Result<Granted, MoneyError> {
         let url = self.url(request.endpoint)?;
         let response = self
             .http
             .post(url)
             .header("idempotency-key", request.idempotency_key.as_str())
-            .body(request.body.clone())
+            .body(body)
             .send()
             .await
             .map_err(classify_transport)?;
@@ -195,6 +221,42 @@ impl MoneyClient {
             .map(Duration::from_secs);
         let body = response.bytes().await.map_err(classify_transport)?;
         classify(status, retry_after, &body)
+    }
+}
+
+/// Told when a request leaves (see [`MoneyClient::grant_noting_departure`]).
+pub type Departure = Box<dyn FnOnce(Instant) + Send + Sync>;
+
+/// A request body that notes when its connection first asks for it. hyper writes a request's
+/// head, asks for its body and writes both in one turn of the connection's task, so that moment
+/// is when the request goes on the wire, to within one write.
+struct DepartureBody {
+    data: Option<Bytes>,
+    departed: Option<Departure>,
+}
+
+impl http_body::Body for DepartureBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if let Some(departed) = this.departed.take() {
+            departed(Instant::now());
+        }
+        Poll::Ready(this.data.take().map(|data| Ok(Frame::data(data))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
+
+    /// Exact, so the request carries a `Content-Length` as with a plain body.
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
     }
 }
 

@@ -13,7 +13,11 @@
 //! * **An exact send-window log**: right before a request leaves, its sender passes
 //!   [`RateLimiter::admit`], which refuses a send while the last `limit` sends all lie within
 //!   `1 s + slack`. Sender tasks can start late on a busy machine and then leave together; the
-//!   log makes the cap hold whatever the scheduler does. After the log has been empty (a start,
+//!   log makes the cap hold whatever the scheduler does. A request that leaves more than
+//!   [`DEPARTURE_TOLERANCE`] after its admission (its connection's task ran late, or a new
+//!   connection's handshake came first) has its send moved to when it left
+//!   ([`RateLimiter::departed`]): otherwise the sends admitted a window later could go out on
+//!   time and share a second on the wire with it. After the log has been empty (a start,
 //!   or a pause longer than a window) it holds [`COLD_START_SLACK`] worth of places back for one
 //!   window: the first requests also open connections, which spreads their arrivals further.
 //!
@@ -36,6 +40,11 @@ use governor::{DefaultDirectRateLimiter, Quota};
 
 /// The default slack kept free in every window for uneven transit between us and Money.
 pub const DEFAULT_SLACK: Duration = Duration::from_millis(8);
+
+/// A request that leaves later than this after its admission counts as sent when it left;
+/// shorter delays are left to the slack (moving every send would cost a second lock per
+/// request for nothing).
+pub const DEPARTURE_TOLERANCE: Duration = Duration::from_millis(1);
 
 /// How late a dispatcher may wake up without losing the time: tokio's timer rounds every sleep
 /// up to the next millisecond and a busy machine adds more, so a burst of one or two permits
@@ -135,6 +144,23 @@ impl SendLog {
     fn oldest(&self) -> Option<Instant> {
         self.held.map(|(t, _)| t).or_else(|| self.sends.front().copied())
     }
+
+    /// Records a send at `at`, keeping the log in time order (a departure can be noted after a
+    /// later admission).
+    fn record(&mut self, at: Instant) {
+        let index = self.sends.partition_point(|&t| t <= at);
+        self.sends.insert(index, at);
+    }
+
+    /// Moves a send recorded at `admitted` to `departed`. If it has already left the log (it
+    /// left more than a window after its admission), the departure is recorded all the same.
+    fn move_send(&mut self, admitted: Instant, departed: Instant) {
+        let index = self.sends.partition_point(|&t| t < admitted);
+        if self.sends.get(index) == Some(&admitted) {
+            self.sends.remove(index);
+        }
+        self.record(departed);
+    }
 }
 
 impl SendWindow {
@@ -155,7 +181,7 @@ impl SendWindow {
             log.held = Some((now, self.cold_start));
         }
         if log.taken() < self.limit {
-            log.sends.push_back(now);
+            log.record(now);
             return Ok(());
         }
         let oldest = log.oldest().unwrap_or(now);
@@ -241,15 +267,28 @@ impl RateLimiter {
     }
 
     /// Waits until one more send keeps every window of `1 s + slack` at or under the
-    /// limit, and records the send (the sender, right before the request leaves).
-    pub async fn admit(&self) {
+    /// limit, and records the send (the sender, right before the request leaves). Returns the
+    /// time it was recorded at, for [`RateLimiter::departed`].
+    pub async fn admit(&self) -> Instant {
         let current = self.current();
         loop {
-            match current.window.try_admit(Instant::now()) {
-                Ok(()) => return,
+            let now = Instant::now();
+            match current.window.try_admit(now) {
+                Ok(()) => return now,
                 Err(wait) => tokio::time::sleep(wait).await,
             }
         }
+    }
+
+    /// Notes that the send admitted at `admitted` left at `departed`. A departure more than
+    /// [`DEPARTURE_TOLERANCE`] late moves the send to it, so the windows that follow count it
+    /// where it really was. Only the admission's own time is looked for: two sends recorded at
+    /// the same instant are the same to the log.
+    pub fn departed(&self, admitted: Instant, departed: Instant) {
+        if departed.saturating_duration_since(admitted) <= DEPARTURE_TOLERANCE {
+            return;
+        }
+        self.current().window.lock().move_send(admitted, departed);
     }
 }
 
@@ -316,6 +355,49 @@ mod tests {
             assert_eq!(w.try_admit(ms(3000)), Ok(()), "send {n} after a pause");
         }
         assert!(w.try_admit(ms(3000)).is_err());
+    }
+
+    #[test]
+    fn a_send_that_left_late_counts_from_when_it_left() {
+        let w = window(3, 0);
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        for n in [0, 10, 20] {
+            assert_eq!(w.try_admit(ms(n)), Ok(()));
+        }
+        // The send admitted at 0 went on the wire at 15: the window is full until 1010, then
+        // has room for one until 1015, when the late send ages out.
+        w.lock().move_send(ms(0), ms(15));
+        assert_eq!(w.try_admit(ms(1000)), Err(Duration::from_millis(10)));
+        assert_eq!(w.try_admit(ms(1010)), Ok(()));
+        assert_eq!(w.try_admit(ms(1012)), Err(Duration::from_millis(3)));
+        assert_eq!(w.try_admit(ms(1015)), Ok(()));
+        let log: Vec<_> = w.lock().sends.iter().map(|&t| t - t0).collect();
+        assert_eq!(log, [20, 1010, 1015].map(Duration::from_millis));
+    }
+
+    #[test]
+    fn a_departure_is_recorded_even_after_its_admission_aged_out() {
+        let w = window(3, 0);
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        assert_eq!(w.try_admit(ms(0)), Ok(()));
+        assert_eq!(w.try_admit(ms(1500)), Ok(()));
+        // Aged out at 1500; it left at 1400, so it still counts in the window.
+        w.lock().move_send(ms(0), ms(1400));
+        let log: Vec<_> = w.lock().sends.iter().map(|&t| t - t0).collect();
+        assert_eq!(log, [1400, 1500].map(Duration::from_millis));
+    }
+
+    #[tokio::test]
+    async fn only_departures_later_than_the_tolerance_move_a_send() {
+        let limiter = RateLimiter::new(nz(10), Duration::ZERO);
+        let first = limiter.admit().await;
+        let second = limiter.admit().await;
+        limiter.departed(first, first + DEPARTURE_TOLERANCE);
+        limiter.departed(second, second + Duration::from_millis(5));
+        let log: Vec<_> = limiter.current().window.lock().sends.iter().copied().collect();
+        assert_eq!(log, [first, second + Duration::from_millis(5)]);
     }
 
     #[test]

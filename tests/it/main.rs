@@ -11,6 +11,7 @@ mod explain;
 mod failures;
 mod foundation;
 mod leases;
+mod money_client;
 mod scaleout;
 mod support;
 mod systemd;
