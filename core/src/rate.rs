@@ -22,14 +22,15 @@
 //!   window: the first requests also open connections, which spreads their arrivals further.
 //!
 //! `slack` (`money.rate_slack`, default 8 ms) is the time kept free in every window for uneven
-//! transit between us and Money: requests sent evenly can arrive unevenly, compressing a window
-//! by the difference in delay between its first and its last request. Each millisecond of slack
-//! costs 0.1 % of throughput: at 1,000/s with 8 ms the pace is 992/s, which pays 1,000,000 rows
-//! in 1,008 s, within the 1,010 s (99 %) the requirements allow. What the slack must cover is
-//! measured with `payout-bench --transit` (BENCHMARKS.md): on the 2-core benchmark machine,
-//! where payoutd, MariaDB and money-sim share the cores, the delay from admission to arrival is
-//! 0.15 ms at the median and 1 ms at p99, but a few scheduling stalls per minute hold a process
-//! for 7–20 ms, and the catch-up after them can put 1,001–1,013 arrivals into one second.
+//! transit between us and Money: requests that leave evenly can arrive unevenly, compressing a
+//! window by the difference in delay between its first and its last request. Each millisecond of
+//! slack costs 0.1 % of throughput: at 1,000/s with 8 ms the pace is 992/s, which pays 1,000,000
+//! rows in 1,008 s, within the 1,010 s (99 %) the requirements allow. Delays inside payoutd
+//! (admission to write) need no slack since sends move to their departure: on the 2-core
+//! benchmark machine, where payoutd, MariaDB and money-sim share the cores, scheduling stalls hold
+//! a request 5–20 ms now and then, and before departures were noted they put 1,001–1,013
+//! arrivals into one second. What the slack must cover is the wire: `payout-bench --transit` with
+//! a packet capture (`scripts/bench-wire.py`, BENCHMARKS.md) measures it.
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
