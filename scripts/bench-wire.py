@@ -6,12 +6,18 @@ Capture loopback while `payout-bench --transit` runs (tcpdump from Debian's pack
     tcpdump -i lo -s 400 -w /tmp/cap.pcap 'tcp and not port 3306 and (tcp[tcpflags] & tcp-push != 0)' &
     target/release/payout-bench --rows 200000 --limit 1000 --transit --sim-process --out bench-results/NAME.json
     kill %1
-    scripts/bench-wire.py /tmp/cap.pcap bench-results/NAME
+    scripts/bench-wire.py /tmp/cap.pcap bench-results/NAME [LIMIT]
 
 It pairs each request's admission in payoutd (the daemon log's `admitted` lines), its time on
 the wire (the capture) and its arrival at money-sim (`NAME.transit.csv`) by Idempotency-Key,
 prints the delays admission -> wire (payoutd) and wire -> arrival (money-sim), the slowest
 requests, and the most requests in any one second on each clock. Only the standard library.
+
+The daemon's `departed` lines (a request's connection took its body to write it) give the time
+its send log counts a request from: the departure when it was more than 1 ms after the
+admission, else the admission. Every one-second window on the wire holding more than LIMIT
+(default 1000) requests is listed with the requests in it that the send log counted earliest,
+so an excess shows which requests left later than payoutd counted them.
 """
 import json
 import re
@@ -57,6 +63,40 @@ def admissions(log):
     return out
 
 
+def departures(log):
+    """key -> (unix us of the departure, us after the admission), from the daemon's JSON log."""
+    out = {}
+    for line in open(log):
+        if '"departed"' not in line:
+            continue
+        try:
+            entry = json.loads(line)
+            fields = entry.get("fields", entry)
+        except ValueError:
+            continue
+        if fields.get("key") and fields.get("at_unix_us"):
+            out.setdefault(fields["key"], (int(fields["at_unix_us"]), int(fields.get("after_admission_us", 0))))
+    return out
+
+
+def windows_over(times, limit):
+    """Start times of the one-second windows (each starting at a time in `times`) holding more
+    than `limit` of them, merged into (first start, last start, most held) runs."""
+    times = sorted(times)
+    runs, hi = [], 0
+    for lo, t in enumerate(times):
+        while hi < len(times) and times[hi] - t < 1_000_000:
+            hi += 1
+        n = hi - lo
+        if n > limit:
+            if runs and t - runs[-1][1] < 1_000_000:
+                first, _, most = runs[-1]
+                runs[-1] = (first, t, max(most, n))
+            else:
+                runs.append((t, t, n))
+    return runs
+
+
 def max_in_second(times):
     times = sorted(times)
     lo, best, at = 0, 0, 0
@@ -74,7 +114,7 @@ def quantiles(name, values):
     print(f"{name:16s} p50 {q(.5):.2f}  p99 {q(.99):.2f}  p99.9 {q(.999):.2f}  max {v[-1] / 1000:.2f} ms")
 
 
-def main(pcap, prefix):
+def main(pcap, prefix, limit=1000):
     wire_all = posts(pcap)
     wire = {}
     for at, key in wire_all:
@@ -102,9 +142,35 @@ def main(pcap, prefix):
                         ("arrived", [r for _, _, r in rows])):
         n, at = max_in_second(times)
         print(f"most {name} in any second: {n} (ending {at:.3f} s after its first)")
+    departed = departures(prefix + ".daemon.log")
+    if not departed:
+        return
+    by_admission = {a: (w, r) for a, w, r in rows}
+    counted = []  # (time the send log counts, admission, departure note or None, wire, arrival)
+    for a, key in admitted.items():
+        if a not in by_admission:
+            continue
+        w, r = by_admission[a]
+        d = departed.get(key)
+        at = d[0] if d and d[1] > 1000 else a
+        counted.append((at, a, d[0] if d else None, w, r))
+    print(f"{len(departed)} departures noted; note -> wire", end=" ")
+    quantiles("", [w - d for _, _, d, w, _ in counted if d is not None])
+    n, at = max_in_second([c for c, *_ in counted])
+    print(f"most counted by the send log in any second: {n} (ending {at:.3f} s after its first)")
+    runs = windows_over([w for w, _ in wire_all], limit)
+    print(f"{len(runs)} runs of one-second windows on the wire above {limit}")
+    for first, last, most in runs[:20]:
+        inside = [c for c in counted if first <= c[3] < last + 1_000_000]
+        print(f"  {(first - t0) / 1e6:9.3f} s .. {(last - t0) / 1e6:9.3f} s: at most {most}; "
+              "counted earliest relative to the wire:")
+        for c, a, d, w, r in sorted(inside, key=lambda x: x[0] - x[3])[:5]:
+            note = f"{(d - a) / 1000:7.2f}" if d is not None else "      -"
+            print(f"      admitted {(a - t0) / 1e6:9.3f} s, departure note +{note} ms, "
+                  f"wire +{(w - a) / 1000:7.2f} ms, arrival +{(r - a) / 1000:7.2f} ms")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4):
         sys.exit(__doc__)
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], *(int(a) for a in sys.argv[3:]))

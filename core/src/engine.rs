@@ -1673,7 +1673,21 @@ impl Dispatcher {
                 );
                 let started = Instant::now();
                 // A request that leaves late counts in the send log from when it left.
-                let departed = Box::new(move |at| limiter.departed(admitted, at));
+                let traced = tracing::enabled!(target: "payoutd::sends", tracing::Level::TRACE)
+                    .then(|| job.request.idempotency_key.to_string());
+                let departed = Box::new(move |at: Instant| {
+                    limiter.departed(admitted, at);
+                    if let Some(key) = traced {
+                        let ago = u64::try_from(at.elapsed().as_micros()).unwrap_or(0);
+                        trace!(
+                            target: "payoutd::sends",
+                            key = %key,
+                            at_unix_us = unix_micros().saturating_sub(ago),
+                            after_admission_us = at.saturating_duration_since(admitted).as_micros() as u64,
+                            "departed"
+                        );
+                    }
+                });
                 let result = money.grant_noting_departure(&job.request, departed).await;
                 stats.money_latency.record(started.elapsed());
                 if let Err(MoneyError::Unauthorized) = &result {

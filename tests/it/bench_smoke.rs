@@ -29,6 +29,9 @@ async fn a_small_benchmark_run_writes_sane_figures() -> anyhow::Result<()> {
         // quiet machine), more than the 8 ms default slack is made for; one CI run saw 1,003
         // arrivals in a second with 30 ms. This run checks the command, not the slack.
         daemon_env: vec![("PAYOUTD_MONEY__RATE_SLACK".to_owned(), "60ms".to_owned())],
+        // The daemon logs each request's admission and departure; the bench pairs admissions
+        // with money-sim's arrivals.
+        transit: true,
         ..BenchConfig::default()
     };
     let report = tokio::time::timeout(Duration::from_secs(90), bench::run(&cfg)).await??;
@@ -62,6 +65,16 @@ async fn a_small_benchmark_run_writes_sane_figures() -> anyhow::Result<()> {
     assert_eq!(per_partition.len(), 4, "{summary}");
     assert!(json["machine"]["nproc"].as_u64().unwrap_or(0) >= 1, "{summary}");
     assert!(json["config"]["rows"] == 3000, "{summary}");
+    // Every request was admitted once, arrived, and noted when it left; a departure line is not
+    // an admission.
+    let requests = json["requests_total"].as_u64().unwrap_or(0);
+    assert!(requests >= 3000, "{summary}");
+    assert_eq!(json["transit"]["admitted"].as_u64(), Some(requests), "{summary}");
+    assert_eq!(json["transit"]["paired"].as_u64(), Some(requests), "{summary}");
+    assert!(json["transit"]["max_admitted_in_any_second"].as_u64().unwrap_or(0) <= 1000);
+    let log = std::fs::read_to_string(json["daemon_log"].as_str().unwrap_or_default())?;
+    let departed = log.lines().filter(|l| l.contains(r#""message":"departed""#)).count();
+    assert_eq!(departed as u64, requests, "{summary}");
     // The database is gone afterwards.
     let admin = mysql_async::Pool::new(server_url().as_str());
     let mut c = admin.get_conn().await?;

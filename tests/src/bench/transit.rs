@@ -44,7 +44,8 @@ pub struct Transit {
     pub densest_second_at_s: f64,
 }
 
-/// Reads the admission lines of a JSON daemon log: `(key, unix µs)` in log order.
+/// Reads the admission lines of a JSON daemon log: `(key, unix µs)` in log order. The same
+/// target also logs each request's departure (`departed`), which is not an admission.
 pub fn admissions(daemon_log: &Path) -> anyhow::Result<Vec<(String, u64)>> {
     let text = std::fs::read_to_string(daemon_log)
         .with_context(|| format!("cannot read {}", daemon_log.display()))?;
@@ -55,6 +56,9 @@ pub fn admissions(daemon_log: &Path) -> anyhow::Result<Vec<(String, u64)>> {
             continue;
         }
         let fields = v.get("fields").unwrap_or(&v);
+        if fields.get("message").and_then(|m| m.as_str()) != Some("admitted") {
+            continue;
+        }
         let key = fields.get("key").and_then(|k| k.as_str());
         let at = fields.get("at_unix_us").and_then(|a| a.as_u64());
         if let (Some(key), Some(at)) = (key, at) {
@@ -165,6 +169,26 @@ mod tests {
             status: None,
             replayed: false,
         }
+    }
+
+    #[test]
+    fn only_admission_lines_count_as_admissions() {
+        let log = std::env::temp_dir().join(format!("transit-{}.log", std::process::id()));
+        std::fs::write(
+            &log,
+            concat!(
+                r#"{"level":"TRACE","message":"admitted","key":"k1","at_unix_us":100,"target":"payoutd::sends"}"#,
+                "\n",
+                r#"{"level":"TRACE","message":"departed","key":"k1","at_unix_us":150,"after_admission_us":50,"target":"payoutd::sends"}"#,
+                "\n",
+                r#"{"level":"INFO","message":"admitted","key":"k2","at_unix_us":200,"target":"payoutd::engine"}"#,
+                "\n",
+            ),
+        )
+        .unwrap();
+        let read = admissions(&log);
+        std::fs::remove_file(&log).unwrap();
+        assert_eq!(read.unwrap(), vec![("k1".to_owned(), 100)]);
     }
 
     #[test]
