@@ -47,11 +47,10 @@ def posts(pcap):
                 out.append((at, m.group(1).decode() if m else None))
 
 
-def admissions(log):
-    """unix us -> key, from the daemon's JSON log."""
-    out = {}
+def traced(log, message):
+    """The fields of the daemon's JSON log lines with this message that carry a key and a time."""
     for line in open(log):
-        if '"admitted"' not in line:
+        if f'"{message}"' not in line:
             continue
         try:
             entry = json.loads(line)
@@ -59,23 +58,22 @@ def admissions(log):
         except ValueError:
             continue
         if fields.get("key") and fields.get("at_unix_us"):
-            out.setdefault(fields["at_unix_us"], fields["key"])
+            yield fields
+
+
+def admissions(log):
+    """unix us -> key, from the daemon's JSON log."""
+    out = {}
+    for fields in traced(log, "admitted"):
+        out.setdefault(fields["at_unix_us"], fields["key"])
     return out
 
 
 def departures(log):
     """key -> (unix us of the departure, us after the admission), from the daemon's JSON log."""
     out = {}
-    for line in open(log):
-        if '"departed"' not in line:
-            continue
-        try:
-            entry = json.loads(line)
-            fields = entry.get("fields", entry)
-        except ValueError:
-            continue
-        if fields.get("key") and fields.get("at_unix_us"):
-            out.setdefault(fields["key"], (int(fields["at_unix_us"]), int(fields.get("after_admission_us", 0))))
+    for fields in traced(log, "departed"):
+        out.setdefault(fields["key"], (int(fields["at_unix_us"]), int(fields.get("after_admission_us", 0))))
     return out
 
 
