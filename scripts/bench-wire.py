@@ -123,7 +123,7 @@ def main(pcap, prefix, limit=1000):
     with open(prefix + ".transit.csv") as f:
         next(f)
         for line in f:
-            a, r = map(int, line.split(","))
+            a, r = map(int, line.split(",")[:2])
             key = admitted.get(a)
             # A retried key was sent more than once: take its send just after this admission.
             sends = [w for w in wire.get(key, []) if w >= a - 1000]

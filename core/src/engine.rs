@@ -84,7 +84,7 @@ impl EngineSettings {
     pub fn new(instance_id: impl Into<String>) -> EngineSettings {
         EngineSettings {
             instance_id: instance_id.into(),
-            batch_size: 1000,
+            batch_size: 250,
             max_in_flight: 512,
             idle_poll: Duration::from_millis(200),
             gate_poll: Duration::from_millis(200),

@@ -31,12 +31,13 @@
 //! | `money.api_key` | `PAYOUTD_MONEY__API_KEY` | required by `payoutd run` unless `money.api_key_file` is set or the systemd credential `money-api-key` (`$CREDENTIALS_DIRECTORY/money-api-key`) exists |
 //! | `money.api_key_file` | `PAYOUTD_MONEY__API_KEY_FILE` | none; a file holding `money.api_key` |
 //! | `money.rate_limit_per_sec` | `PAYOUTD_MONEY__RATE_LIMIT_PER_SEC` | `1000` (at least 1): requests per second, across all campaigns |
-//! | `money.rate_slack` | `PAYOUTD_MONEY__RATE_SLACK` | `8ms` (0 to 200ms): time kept free in every one-second window for uneven delay on the way to Money; each ms costs 0.1 % of throughput |
+//! | `money.rate_slack` | `PAYOUTD_MONEY__RATE_SLACK` | `6ms` (0 to 200ms): time kept free in every one-second window for uneven delay on the way to Money; each ms costs 0.1 % of throughput |
+//! | `money.rate_reserve` | `PAYOUTD_MONEY__RATE_RESERVE` | `2` (0 to 100): places per 1,000 of the limit kept free in every window for single requests held up longer than the slack after they left (a stalled thread); each costs 0.1 % of throughput |
 //! | `money.timeout` | `PAYOUTD_MONEY__TIMEOUT` | `3s` (above 0): one request, connect to last byte |
 //! | `money.max_in_flight` | `PAYOUTD_MONEY__MAX_IN_FLIGHT` | `512` (at least 1): requests awaiting an answer at once; it must cover the limit × Money's slowest usual latency (1,000/s × 0.3 s = 300) |
 //! | `slack.webhook_url` | `PAYOUTD_SLACK__WEBHOOK_URL` | none: alerts are logged only |
 //! | `slack.webhook_url_file` | `PAYOUTD_SLACK__WEBHOOK_URL_FILE` | none; a file holding `slack.webhook_url` |
-//! | `executor.batch_size` | `PAYOUTD_EXECUTOR__BATCH_SIZE` | `1000` (1 to 5000): rows claimed per partition step |
+//! | `executor.batch_size` | `PAYOUTD_EXECUTOR__BATCH_SIZE` | `250` (1 to 5000): rows claimed per partition step |
 //! | `executor.partitions_medium_from` | `PAYOUTD_EXECUTOR__PARTITIONS_MEDIUM_FROM` | `1000001`: campaigns with at least this many rows get 6 partitions (fewer rows: 4) |
 //! | `executor.partitions_large_from` | `PAYOUTD_EXECUTOR__PARTITIONS_LARGE_FROM` | `2000000`: campaigns with at least this many rows get 8 partitions; above `partitions_medium_from` |
 //! | `executor.partitions` | `PAYOUTD_EXECUTOR__PARTITIONS` | `0` (0 to 8): 0 follows the 4/6/8 rule; 1 to 8 gives every newly planned campaign that many partitions (benchmarks) |
@@ -131,6 +132,7 @@ pub(crate) struct MoneySettings {
     api_key: SecretSource<Secret>,
     pub(crate) rate_limit_per_sec: NonZeroU32,
     pub(crate) rate_slack: Duration,
+    pub(crate) rate_reserve: u32,
     pub(crate) timeout: Duration,
     pub(crate) max_in_flight: usize,
 }
@@ -239,7 +241,8 @@ impl Default for MoneySettings {
             base_url: None,
             api_key: SecretSource::Unset,
             rate_limit_per_sec: NonZeroU32::new(1000).unwrap_or(NonZeroU32::MIN),
-            rate_slack: Duration::from_millis(8),
+            rate_slack: payout_core::rate::DEFAULT_SLACK,
+            rate_reserve: payout_core::rate::DEFAULT_RESERVE,
             timeout: Duration::from_secs(3),
             max_in_flight: 512,
         }
@@ -260,7 +263,7 @@ impl Default for DatabaseSettings {
 impl Default for ExecutorSettings {
     fn default() -> Self {
         ExecutorSettings {
-            batch_size: 1000,
+            batch_size: 250,
             partitions_medium_from: 1_000_001,
             partitions_large_from: 2_000_000,
             partitions: 0,
@@ -450,6 +453,7 @@ impl Settings {
         }
         out.plain("rate_limit_per_sec", m.rate_limit_per_sec);
         out.duration("rate_slack", m.rate_slack);
+        out.plain("rate_reserve", m.rate_reserve);
         out.duration("timeout", m.timeout);
         out.plain("max_in_flight", m.max_in_flight);
 
@@ -1012,6 +1016,7 @@ struct RawMoney {
     rate_limit_per_sec: Option<u32>,
     #[serde(deserialize_with = "duration")]
     rate_slack: Option<Duration>,
+    rate_reserve: Option<u32>,
     #[serde(deserialize_with = "duration")]
     timeout: Option<Duration>,
     max_in_flight: Option<usize>,
@@ -1293,6 +1298,13 @@ impl Check<'_> {
                 d.rate_slack,
                 |s| s <= Duration::from_millis(200),
                 "must be at most 200ms",
+            )?,
+            rate_reserve: self.value(
+                "money.rate_reserve",
+                raw.rate_reserve,
+                d.rate_reserve,
+                |n| n <= 100,
+                "must be at most 100 (places per 1,000 of the limit)",
             )?,
             timeout: self.positive("money.timeout", raw.timeout, d.timeout)?,
             max_in_flight: self.value(
@@ -1660,7 +1672,7 @@ mod tests {
         assert_eq!(
             s.executor,
             ExecutorSettings {
-                batch_size: 1000,
+                batch_size: 250,
                 partitions_medium_from: 1_000_001,
                 partitions_large_from: 2_000_000,
                 partitions: 0,
@@ -1895,6 +1907,21 @@ mod tests {
         let file = toml_file("[money]\ntimeout = 3\n")?;
         let message = load_error(Some(file.path()), &[])?;
         assert!(message.starts_with("money.timeout: invalid duration 3: give a unit"), "{message}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_rate_reserve_is_read_and_bounded() -> Result<()> {
+        assert_eq!(Settings::load_from(None, env(&[]))?.money.rate_reserve, 2);
+        let s = Settings::load_from(None, env(&[("PAYOUTD_MONEY__RATE_RESERVE", "0")]))?;
+        assert_eq!(s.money.rate_reserve, 0);
+        let file = toml_file("[money]\nrate_reserve = 5\n")?;
+        assert_eq!(Settings::load_from(Some(file.path()), env(&[]))?.money.rate_reserve, 5);
+        let message = load_error(None, &[("PAYOUTD_MONEY__RATE_RESERVE", "101")])?;
+        assert_eq!(
+            message,
+            "money.rate_reserve: must be at most 100 (places per 1,000 of the limit) (from environment variable PAYOUTD_MONEY__RATE_RESERVE)"
+        );
         Ok(())
     }
 

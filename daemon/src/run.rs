@@ -121,7 +121,11 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
         timeout: settings.money.timeout,
         pool_size: settings.money.max_in_flight,
     })?;
-    let limiter = RateLimiter::new(settings.money.rate_limit_per_sec, settings.money.rate_slack);
+    let limiter = RateLimiter::new(
+        settings.money.rate_limit_per_sec,
+        settings.money.rate_slack,
+        settings.money.rate_reserve,
+    );
     let kinds = kinds();
     let engine = Arc::new(Engine::new(
         pool.clone(),
@@ -133,6 +137,8 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     info!(
         instance = %instance_id,
         rate_limit_per_sec = settings.money.rate_limit_per_sec.get(),
+        rate_slack_ms = settings.money.rate_slack.as_secs_f64() * 1000.0,
+        sends_per_window = limiter.capacity().get(),
         pacing_rate_per_sec = format!("{:.1}", limiter.pacing().rate_per_sec()),
         max_in_flight = settings.money.max_in_flight,
         "payoutd starting"

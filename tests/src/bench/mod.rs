@@ -626,9 +626,15 @@ async fn run_in(
             store_plan(db, campaign, cfg.rows, n).await?;
         }
         progress(cfg, format!("database-only ceiling: campaign {campaign}, {n} partitions"));
-        let r =
-            db_only::run(&db.url, cfg.kind, campaign, cfg.rows, n, cfg.batch_size.unwrap_or(1000))
-                .await?;
+        let r = db_only::run(
+            &db.url,
+            cfg.kind,
+            campaign,
+            cfg.rows,
+            n,
+            cfg.batch_size.unwrap_or(default_batch_size()),
+        )
+        .await?;
         progress(cfg, format!("database-only: {:.2} s, {:.0} rows/s", r.seconds, r.rows_per_sec));
         report.db_only = Some(r);
         if cfg.db_only {
@@ -938,10 +944,10 @@ async fn run_in(
     if cfg.transit
         && let Some(path) = report.daemon_log.as_ref()
     {
-        let admitted = transit::admissions(path)?;
-        let pairs = transit::pairs(&admitted, &sim.requests().await?);
-        transit::write_pairs(&log_path(out, "transit.csv"), &pairs)?;
-        report.transit = Some(transit::analyse_pairs(&admitted, &pairs));
+        let sends = transit::sends(path)?;
+        let trips = transit::trips(&sends, &sim.requests().await?);
+        transit::write_trips(&log_path(out, "transit.csv"), &trips)?;
+        report.transit = Some(transit::analyse_trips(&sends, &trips, transit::slack_us(path)?));
     }
     sim.stop().await;
 
@@ -949,6 +955,11 @@ async fn run_in(
         report.e2e_over_db_only = Some(round3(r / d.rows_per_sec.max(1e-9)));
     }
     Ok(())
+}
+
+/// The daemon's default `executor.batch_size`, which the database-only pass uses too.
+fn default_batch_size() -> u32 {
+    payout_core::engine::EngineSettings::new("bench").batch_size
 }
 
 fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
@@ -1103,6 +1114,15 @@ pub fn summary(r: &BenchReport) -> String {
                 t.max_arrived_in_any_second,
                 t.max_admitted_in_any_second,
                 t.densest_second_admission_span_ms,
+            );
+            let _ = writeln!(
+                s,
+                "  transit from counted  p99.9 {:.2} / max {:.2} ms; {} later than the slack ({} ms), at most {} in one second",
+                t.counted_delay_ms_p999,
+                t.counted_delay_ms_max,
+                t.late_over_slack,
+                opt(t.slack_ms),
+                t.max_late_in_any_second,
             );
         }
         let _ = writeln!(

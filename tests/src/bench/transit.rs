@@ -6,6 +6,13 @@
 //! (`payoutd::sends=trace`), money-sim stamps every arrival on the same clock, and this module
 //! pairs them by idempotency key (the n-th admission of a key with its n-th arrival) and says
 //! how much the delay varied and where the densest arrival second came from.
+//!
+//! The send log counts a request from its departure when that came more than 1 ms after its
+//! admission (the daemon's `departed` lines), else from its admission. From that counted time,
+//! a request that takes longer than the slack to arrive can land in a second the log already
+//! filled: the daemon keeps `money.rate_reserve` places of every window free for such requests,
+//! so Money sees more than the limit only when a second holds more of them than that
+//! (`max_late_in_any_second`).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -17,6 +24,10 @@ use crate::money_sim::RequestRecord;
 
 /// The target of the daemon's admission trace lines.
 pub const SENDS_TARGET: &str = "payoutd::sends";
+
+/// A departure later than this after its admission moves the send in the daemon's log
+/// (`payout_core::rate::DEPARTURE_TOLERANCE`).
+const DEPARTURE_TOLERANCE_US: u64 = 1_000;
 
 /// What pairing admissions with arrivals found.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -42,38 +53,130 @@ pub struct Transit {
     pub densest_second_admission_span_ms: f64,
     /// Start of the densest arrival second, in seconds after the first admission.
     pub densest_second_at_s: f64,
+    /// Departures in the daemon's log.
+    #[serde(default)]
+    pub departed: u64,
+    /// Delay from the time the send log counted the request from (its departure when that was
+    /// more than 1 ms after the admission, else its admission) to arrival (ms).
+    #[serde(default)]
+    pub counted_delay_ms_p999: f64,
+    #[serde(default)]
+    pub counted_delay_ms_max: f64,
+    /// The daemon's `money.rate_slack` (from its start line).
+    #[serde(default)]
+    pub slack_ms: Option<f64>,
+    /// Requests whose counted delay exceeded the slack.
+    #[serde(default)]
+    pub late_over_slack: u64,
+    /// The most such requests arriving in any one second: Money sees more than the limit only
+    /// where this exceeds the places the daemon reserves.
+    #[serde(default)]
+    pub max_late_in_any_second: u64,
 }
 
-/// Reads the admission lines of a JSON daemon log: `(key, unix µs)` in log order. The same
-/// target also logs each request's departure (`departed`), which is not an admission.
-pub fn admissions(daemon_log: &Path) -> anyhow::Result<Vec<(String, u64)>> {
+/// The send trace of a JSON daemon log: admissions and departures as `(key, unix µs)` in log
+/// order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sends {
+    pub admitted: Vec<(String, u64)>,
+    pub departed: Vec<(String, u64)>,
+}
+
+impl Sends {
+    /// The time the send log counted each admission from, in the order of `admitted`: the
+    /// admission's own departure (the n-th departure of its key for its n-th admission) when that
+    /// came more than [`DEPARTURE_TOLERANCE_US`] later, else the admission.
+    pub fn counted(&self) -> Vec<(String, u64)> {
+        let mut departures: HashMap<&str, VecDeque<u64>> = HashMap::new();
+        for (key, at) in &self.departed {
+            departures.entry(key.as_str()).or_default().push_back(*at);
+        }
+        self.admitted
+            .iter()
+            .map(|(key, adm)| {
+                let dep = departures.get_mut(key.as_str()).and_then(VecDeque::pop_front);
+                let at = match dep {
+                    Some(dep) if dep > adm + DEPARTURE_TOLERANCE_US => dep,
+                    _ => *adm,
+                };
+                (key.clone(), at)
+            })
+            .collect()
+    }
+}
+
+/// Reads the admission and departure lines of a JSON daemon log.
+pub fn sends(daemon_log: &Path) -> anyhow::Result<Sends> {
     let text = std::fs::read_to_string(daemon_log)
         .with_context(|| format!("cannot read {}", daemon_log.display()))?;
-    let mut out = Vec::new();
+    let mut out = Sends::default();
     for line in text.lines().filter(|l| l.contains(SENDS_TARGET)) {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
         if v.get("target").and_then(|t| t.as_str()) != Some(SENDS_TARGET) {
             continue;
         }
         let fields = v.get("fields").unwrap_or(&v);
-        if fields.get("message").and_then(|m| m.as_str()) != Some("admitted") {
-            continue;
-        }
+        let into = match fields.get("message").and_then(|m| m.as_str()) {
+            Some("admitted") => &mut out.admitted,
+            Some("departed") => &mut out.departed,
+            _ => continue,
+        };
         let key = fields.get("key").and_then(|k| k.as_str());
         let at = fields.get("at_unix_us").and_then(|a| a.as_u64());
         if let (Some(key), Some(at)) = (key, at) {
-            out.push((key.to_owned(), at));
+            into.push((key.to_owned(), at));
         }
     }
     Ok(out)
 }
 
-/// Writes `admitted_unix_us,arrived_unix_us` per pair of [`pairs`], in arrival order.
-pub fn write_pairs(path: &Path, pairs: &[(u64, u64)]) -> anyhow::Result<()> {
+/// The daemon's `money.rate_slack` in µs, from its `payoutd starting` line (`rate_slack_ms`).
+pub fn slack_us(daemon_log: &Path) -> anyhow::Result<Option<u64>> {
+    let text = std::fs::read_to_string(daemon_log)
+        .with_context(|| format!("cannot read {}", daemon_log.display()))?;
+    for line in text.lines().filter(|l| l.contains("payoutd starting")) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let fields = v.get("fields").unwrap_or(&v);
+        if let Some(ms) = fields.get("rate_slack_ms").and_then(|m| m.as_f64()) {
+            return Ok(Some((ms * 1000.0).round() as u64));
+        }
+    }
+    Ok(None)
+}
+
+/// A request paired with its arrival: unix µs of its arrival, its admission and the time the
+/// send log counted it from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Trip {
+    pub arrived: u64,
+    pub admitted: u64,
+    pub counted: u64,
+}
+
+/// Pairs every admission with an arrival as [`pairs`] does, in arrival order, with the time the
+/// send log counted it from.
+pub fn trips(sends: &Sends, arrivals: &[RequestRecord]) -> Vec<Trip> {
+    let mut by_key: HashMap<&str, VecDeque<(u64, u64)>> = HashMap::new();
+    for ((key, adm), (_, at)) in sends.admitted.iter().zip(sends.counted()) {
+        by_key.entry(key.as_str()).or_default().push_back((*adm, at));
+    }
+    let mut trips: Vec<Trip> = Vec::with_capacity(arrivals.len());
+    for r in arrivals.iter().filter(|r| r.at_unix_us > 0) {
+        let next = by_key.get_mut(r.idempotency_key.as_str()).and_then(VecDeque::pop_front);
+        if let Some((admitted, counted)) = next {
+            trips.push(Trip { arrived: r.at_unix_us, admitted, counted });
+        }
+    }
+    trips.sort_unstable();
+    trips
+}
+
+/// Writes `admitted_unix_us,arrived_unix_us,counted_unix_us` per trip.
+pub fn write_trips(path: &Path, trips: &[Trip]) -> anyhow::Result<()> {
     use std::fmt::Write as _;
-    let mut csv = String::from("admitted_unix_us,arrived_unix_us\n");
-    for (arr, adm) in pairs {
-        let _ = writeln!(csv, "{adm},{arr}");
+    let mut csv = String::from("admitted_unix_us,arrived_unix_us,counted_unix_us\n");
+    for t in trips {
+        let _ = writeln!(csv, "{},{},{}", t.admitted, t.arrived, t.counted);
     }
     std::fs::write(path, csv).with_context(|| format!("cannot write {}", path.display()))
 }
@@ -97,6 +200,28 @@ pub fn pairs(admitted: &[(String, u64)], arrivals: &[RequestRecord]) -> Vec<(u64
 /// Pairs admissions with arrivals and measures the transit.
 pub fn analyse(admitted: &[(String, u64)], arrivals: &[RequestRecord]) -> Transit {
     analyse_pairs(admitted, &pairs(admitted, arrivals))
+}
+
+/// Measures the transit of `sends` from [`trips`], with `slack_us` the daemon's slack.
+pub fn analyse_trips(sends: &Sends, trips: &[Trip], slack_us: Option<u64>) -> Transit {
+    let pairs: Vec<(u64, u64)> = trips.iter().map(|t| (t.arrived, t.admitted)).collect();
+    let mut t = analyse_pairs(&sends.admitted, &pairs);
+    t.departed = sends.departed.len() as u64;
+    if trips.is_empty() {
+        return t;
+    }
+    let mut delays: Vec<i64> = trips.iter().map(|t| t.arrived as i64 - t.counted as i64).collect();
+    delays.sort_unstable();
+    let q = |p: f64| delays[((delays.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
+    t.counted_delay_ms_p999 = q(0.999);
+    t.counted_delay_ms_max = q(1.0);
+    let Some(slack) = slack_us else { return t };
+    t.slack_ms = Some(slack as f64 / 1000.0);
+    let late: Vec<u64> =
+        trips.iter().filter(|t| t.arrived > t.counted + slack).map(|t| t.arrived).collect();
+    t.late_over_slack = late.len() as u64;
+    t.max_late_in_any_second = densest_second(&late).0;
+    t
 }
 
 /// Measures the transit of `pairs` (from [`pairs`]) of the `admitted` sends.
@@ -172,7 +297,7 @@ mod tests {
     }
 
     #[test]
-    fn only_admission_lines_count_as_admissions() {
+    fn admission_and_departure_lines_are_read_apart() {
         let log = std::env::temp_dir().join(format!("transit-{}.log", std::process::id()));
         std::fs::write(
             &log,
@@ -186,9 +311,60 @@ mod tests {
             ),
         )
         .unwrap();
-        let read = admissions(&log);
+        let read = sends(&log);
         std::fs::remove_file(&log).unwrap();
-        assert_eq!(read.unwrap(), vec![("k1".to_owned(), 100)]);
+        let read = read.unwrap();
+        assert_eq!(read.admitted, vec![("k1".to_owned(), 100)]);
+        assert_eq!(read.departed, vec![("k1".to_owned(), 150)]);
+    }
+
+    #[test]
+    fn requests_count_from_a_late_departure_and_late_arrivals_are_counted_per_second() {
+        let sends = Sends {
+            admitted: vec![
+                ("a".to_owned(), 100),
+                ("b".to_owned(), 200),
+                ("c".to_owned(), 300),
+                ("a".to_owned(), 2_000_000),
+            ],
+            // b left 5 ms after its admission: the log counts it from then. a's first departure
+            // (50 µs) is within the tolerance; its retry has none logged.
+            departed: vec![("a".to_owned(), 150), ("b".to_owned(), 5_200), ("c".to_owned(), 400)],
+        };
+        let counted: Vec<u64> = sends.counted().into_iter().map(|(_, at)| at).collect();
+        assert_eq!(counted, [100, 5_200, 300, 2_000_000]);
+        let arrivals = [
+            arrival("a", 300),
+            arrival("b", 20_000),
+            arrival("c", 16_300),
+            arrival("a", 2_000_500),
+        ];
+        let trips = trips(&sends, &arrivals);
+        assert_eq!(trips.len(), 4);
+        assert_eq!(trips[1], Trip { arrived: 16_300, admitted: 300, counted: 300 });
+        let t = analyse_trips(&sends, &trips, Some(6_000));
+        assert_eq!(t.departed, 3);
+        assert_eq!(t.slack_ms, Some(6.0));
+        // c (16 ms) and b (14.8 ms from its departure) came later than the slack, in one second.
+        assert_eq!(t.counted_delay_ms_max, 16.0);
+        assert_eq!(t.late_over_slack, 2);
+        assert_eq!(t.max_late_in_any_second, 2);
+        assert_eq!(t.delay_ms_max, 19.8);
+        // Without the daemon's slack, only the delays.
+        assert_eq!(analyse_trips(&sends, &trips, None).late_over_slack, 0);
+    }
+
+    #[test]
+    fn the_slack_is_read_off_the_start_line() {
+        let log = std::env::temp_dir().join(format!("transit-slack-{}.log", std::process::id()));
+        std::fs::write(
+            &log,
+            r#"{"level":"INFO","fields":{"message":"payoutd starting","rate_slack_ms":6.0,"sends_per_window":998}}"#,
+        )
+        .unwrap();
+        let slack = slack_us(&log);
+        std::fs::remove_file(&log).unwrap();
+        assert_eq!(slack.unwrap(), Some(6_000));
     }
 
     #[test]
