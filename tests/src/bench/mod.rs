@@ -947,7 +947,7 @@ async fn run_in(
         let sends = transit::sends(path)?;
         let trips = transit::trips(&sends, &sim.requests().await?);
         transit::write_trips(&log_path(out, "transit.csv"), &trips)?;
-        report.transit = Some(transit::analyse_trips(&sends, &trips, transit::slack_us(path)?));
+        report.transit = Some(transit::analyse_trips(&sends, &trips));
     }
     sim.stop().await;
 

@@ -25,9 +25,8 @@ use crate::money_sim::RequestRecord;
 /// The target of the daemon's admission trace lines.
 pub const SENDS_TARGET: &str = "payoutd::sends";
 
-/// A departure later than this after its admission moves the send in the daemon's log
-/// (`payout_core::rate::DEPARTURE_TOLERANCE`).
-const DEPARTURE_TOLERANCE_US: u64 = 1_000;
+/// A departure later than this after its admission moves the send in the daemon's log.
+const DEPARTURE_TOLERANCE_US: u64 = payout_core::rate::DEPARTURE_TOLERANCE.as_micros() as u64;
 
 /// What pairing admissions with arrivals found.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -75,11 +74,13 @@ pub struct Transit {
 }
 
 /// The send trace of a JSON daemon log: admissions and departures as `(key, unix µs)` in log
-/// order.
+/// order, and the daemon's `money.rate_slack` in µs (from its `payoutd starting` line,
+/// `rate_slack_ms`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Sends {
     pub admitted: Vec<(String, u64)>,
     pub departed: Vec<(String, u64)>,
+    pub slack_us: Option<u64>,
 }
 
 impl Sends {
@@ -105,17 +106,26 @@ impl Sends {
     }
 }
 
-/// Reads the admission and departure lines of a JSON daemon log.
+/// Reads the admission and departure lines and the start line of a JSON daemon log.
 pub fn sends(daemon_log: &Path) -> anyhow::Result<Sends> {
     let text = std::fs::read_to_string(daemon_log)
         .with_context(|| format!("cannot read {}", daemon_log.display()))?;
     let mut out = Sends::default();
-    for line in text.lines().filter(|l| l.contains(SENDS_TARGET)) {
+    for line in text.lines() {
+        let started = out.slack_us.is_none() && line.contains("payoutd starting");
+        if !started && !line.contains(SENDS_TARGET) {
+            continue;
+        }
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let fields = v.get("fields").unwrap_or(&v);
+        if started {
+            let ms = fields.get("rate_slack_ms").and_then(|m| m.as_f64());
+            out.slack_us = ms.map(|ms| (ms * 1000.0).round() as u64);
+            continue;
+        }
         if v.get("target").and_then(|t| t.as_str()) != Some(SENDS_TARGET) {
             continue;
         }
-        let fields = v.get("fields").unwrap_or(&v);
         let into = match fields.get("message").and_then(|m| m.as_str()) {
             Some("admitted") => &mut out.admitted,
             Some("departed") => &mut out.departed,
@@ -130,20 +140,6 @@ pub fn sends(daemon_log: &Path) -> anyhow::Result<Sends> {
     Ok(out)
 }
 
-/// The daemon's `money.rate_slack` in µs, from its `payoutd starting` line (`rate_slack_ms`).
-pub fn slack_us(daemon_log: &Path) -> anyhow::Result<Option<u64>> {
-    let text = std::fs::read_to_string(daemon_log)
-        .with_context(|| format!("cannot read {}", daemon_log.display()))?;
-    for line in text.lines().filter(|l| l.contains("payoutd starting")) {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        let fields = v.get("fields").unwrap_or(&v);
-        if let Some(ms) = fields.get("rate_slack_ms").and_then(|m| m.as_f64()) {
-            return Ok(Some((ms * 1000.0).round() as u64));
-        }
-    }
-    Ok(None)
-}
-
 /// A request paired with its arrival: unix µs of its arrival, its admission and the time the
 /// send log counted it from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -156,19 +152,39 @@ pub struct Trip {
 /// Pairs every admission with an arrival as [`pairs`] does, in arrival order, with the time the
 /// send log counted it from.
 pub fn trips(sends: &Sends, arrivals: &[RequestRecord]) -> Vec<Trip> {
-    let mut by_key: HashMap<&str, VecDeque<(u64, u64)>> = HashMap::new();
-    for ((key, adm), (_, at)) in sends.admitted.iter().zip(sends.counted()) {
-        by_key.entry(key.as_str()).or_default().push_back((*adm, at));
-    }
-    let mut trips: Vec<Trip> = Vec::with_capacity(arrivals.len());
-    for r in arrivals.iter().filter(|r| r.at_unix_us > 0) {
-        let next = by_key.get_mut(r.idempotency_key.as_str()).and_then(VecDeque::pop_front);
-        if let Some((admitted, counted)) = next {
-            trips.push(Trip { arrived: r.at_unix_us, admitted, counted });
-        }
-    }
+    let sent =
+        sends.admitted.iter().zip(sends.counted()).map(|((key, adm), (_, at))| (key, (*adm, at)));
+    let mut trips: Vec<Trip> = by_key(sent, arrivals)
+        .into_iter()
+        .map(|(arrived, (admitted, counted))| Trip { arrived, admitted, counted })
+        .collect();
     trips.sort_unstable();
     trips
+}
+
+/// `(arrival µs, what was sent)` of every arrival whose key was sent: the n-th send of a key goes
+/// with its n-th arrival; arrivals of keys never sent (or sent fewer times) are skipped.
+fn by_key<'a, T>(
+    sent: impl Iterator<Item = (&'a String, T)>,
+    arrivals: &[RequestRecord],
+) -> Vec<(u64, T)> {
+    let mut queues: HashMap<&str, VecDeque<T>> = HashMap::new();
+    for (key, what) in sent {
+        queues.entry(key.as_str()).or_default().push_back(what);
+    }
+    let mut out = Vec::with_capacity(arrivals.len());
+    for r in arrivals.iter().filter(|r| r.at_unix_us > 0) {
+        if let Some(what) = queues.get_mut(r.idempotency_key.as_str()).and_then(VecDeque::pop_front)
+        {
+            out.push((r.at_unix_us, what));
+        }
+    }
+    out
+}
+
+/// The `p` quantile (0 to 1) of sorted µs values, in ms.
+fn quantile_ms(sorted: &[i64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
 }
 
 /// Writes `admitted_unix_us,arrived_unix_us,counted_unix_us` per trip.
@@ -183,16 +199,7 @@ pub fn write_trips(path: &Path, trips: &[Trip]) -> anyhow::Result<()> {
 
 /// `(arrival µs, admission µs)` of every paired request, in arrival order.
 pub fn pairs(admitted: &[(String, u64)], arrivals: &[RequestRecord]) -> Vec<(u64, u64)> {
-    let mut by_key: HashMap<&str, VecDeque<u64>> = HashMap::new();
-    for (key, at) in admitted {
-        by_key.entry(key.as_str()).or_default().push_back(*at);
-    }
-    let mut pairs: Vec<(u64, u64)> = Vec::with_capacity(arrivals.len());
-    for r in arrivals.iter().filter(|r| r.at_unix_us > 0) {
-        if let Some(at) = by_key.get_mut(r.idempotency_key.as_str()).and_then(VecDeque::pop_front) {
-            pairs.push((r.at_unix_us, at));
-        }
-    }
+    let mut pairs = by_key(admitted.iter().map(|(key, at)| (key, *at)), arrivals);
     pairs.sort_unstable();
     pairs
 }
@@ -202,8 +209,8 @@ pub fn analyse(admitted: &[(String, u64)], arrivals: &[RequestRecord]) -> Transi
     analyse_pairs(admitted, &pairs(admitted, arrivals))
 }
 
-/// Measures the transit of `sends` from [`trips`], with `slack_us` the daemon's slack.
-pub fn analyse_trips(sends: &Sends, trips: &[Trip], slack_us: Option<u64>) -> Transit {
+/// Measures the transit of `sends` from [`trips`].
+pub fn analyse_trips(sends: &Sends, trips: &[Trip]) -> Transit {
     let pairs: Vec<(u64, u64)> = trips.iter().map(|t| (t.arrived, t.admitted)).collect();
     let mut t = analyse_pairs(&sends.admitted, &pairs);
     t.departed = sends.departed.len() as u64;
@@ -212,10 +219,9 @@ pub fn analyse_trips(sends: &Sends, trips: &[Trip], slack_us: Option<u64>) -> Tr
     }
     let mut delays: Vec<i64> = trips.iter().map(|t| t.arrived as i64 - t.counted as i64).collect();
     delays.sort_unstable();
-    let q = |p: f64| delays[((delays.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
-    t.counted_delay_ms_p999 = q(0.999);
-    t.counted_delay_ms_max = q(1.0);
-    let Some(slack) = slack_us else { return t };
+    t.counted_delay_ms_p999 = quantile_ms(&delays, 0.999);
+    t.counted_delay_ms_max = quantile_ms(&delays, 1.0);
+    let Some(slack) = sends.slack_us else { return t };
     t.slack_ms = Some(slack as f64 / 1000.0);
     let late: Vec<u64> =
         trips.iter().filter(|t| t.arrived > t.counted + slack).map(|t| t.arrived).collect();
@@ -235,17 +241,16 @@ pub fn analyse_pairs(admitted: &[(String, u64)], pairs: &[(u64, u64)]) -> Transi
     if pairs.is_empty() {
         return t;
     }
-    let mut delays: Vec<(i64, u64)> =
-        pairs.iter().map(|&(arr, adm)| (arr as i64 - adm as i64, adm)).collect();
-    let (max_delay, max_at) = delays.iter().copied().max().unwrap_or_default();
+    let delay = |&(arr, adm): &(u64, u64)| arr as i64 - adm as i64;
+    let (max_delay, max_at) = pairs.iter().map(|p| (delay(p), p.1)).max().unwrap_or_default();
     t.delay_ms_max = max_delay as f64 / 1000.0;
     t.delay_max_at_s = max_at.saturating_sub(first) as f64 / 1e6;
+    let mut delays: Vec<i64> = pairs.iter().map(delay).collect();
     delays.sort_unstable();
-    let q = |p: f64| delays[((delays.len() - 1) as f64 * p).round() as usize].0 as f64 / 1000.0;
-    t.delay_ms_min = q(0.0);
-    t.delay_ms_p50 = q(0.5);
-    t.delay_ms_p99 = q(0.99);
-    t.delay_ms_p999 = q(0.999);
+    t.delay_ms_min = quantile_ms(&delays, 0.0);
+    t.delay_ms_p50 = quantile_ms(&delays, 0.5);
+    t.delay_ms_p99 = quantile_ms(&delays, 0.99);
+    t.delay_ms_p999 = quantile_ms(&delays, 0.999);
 
     let mut admitted_times: Vec<u64> = admitted.iter().map(|(_, at)| *at).collect();
     admitted_times.sort_unstable();
@@ -330,6 +335,7 @@ mod tests {
             // b left 5 ms after its admission: the log counts it from then. a's first departure
             // (50 µs) is within the tolerance; its retry has none logged.
             departed: vec![("a".to_owned(), 150), ("b".to_owned(), 5_200), ("c".to_owned(), 400)],
+            slack_us: Some(6_000),
         };
         let counted: Vec<u64> = sends.counted().into_iter().map(|(_, at)| at).collect();
         assert_eq!(counted, [100, 5_200, 300, 2_000_000]);
@@ -342,7 +348,7 @@ mod tests {
         let trips = trips(&sends, &arrivals);
         assert_eq!(trips.len(), 4);
         assert_eq!(trips[1], Trip { arrived: 16_300, admitted: 300, counted: 300 });
-        let t = analyse_trips(&sends, &trips, Some(6_000));
+        let t = analyse_trips(&sends, &trips);
         assert_eq!(t.departed, 3);
         assert_eq!(t.slack_ms, Some(6.0));
         // c (16 ms) and b (14.8 ms from its departure) came later than the slack, in one second.
@@ -351,7 +357,8 @@ mod tests {
         assert_eq!(t.max_late_in_any_second, 2);
         assert_eq!(t.delay_ms_max, 19.8);
         // Without the daemon's slack, only the delays.
-        assert_eq!(analyse_trips(&sends, &trips, None).late_over_slack, 0);
+        let unknown = Sends { slack_us: None, ..sends.clone() };
+        assert_eq!(analyse_trips(&unknown, &trips).late_over_slack, 0);
     }
 
     #[test]
@@ -362,9 +369,9 @@ mod tests {
             r#"{"level":"INFO","fields":{"message":"payoutd starting","rate_slack_ms":6.0,"sends_per_window":998}}"#,
         )
         .unwrap();
-        let slack = slack_us(&log);
+        let read = sends(&log);
         std::fs::remove_file(&log).unwrap();
-        assert_eq!(slack.unwrap(), Some(6_000));
+        assert_eq!(read.unwrap().slack_us, Some(6_000));
     }
 
     #[test]
