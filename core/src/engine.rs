@@ -20,7 +20,6 @@
 //! rejects the API key, the gate closes: nothing new is sent, queued and claimed-but-unsent rows
 //! go back to PENDING, requests in flight finish and their outcomes are committed.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,7 +34,7 @@ use tracing::{Instrument, debug, error, info, info_span, trace, warn};
 use crate::breaker::{Admission, Breaker, BreakerSettings, Signal, Transition};
 use crate::db::{DbError, DbPool, conn};
 use crate::domain::{CampaignId, TargetId};
-use crate::kind::{ErasedKind, GrantRequest, KindRegistry, ValidationContext};
+use crate::kind::{ErasedKind, GrantRequest, KindRegistry, Prepared, ValidationContext};
 use crate::lease::{self, LeaseView};
 use crate::money::{Disposition, MoneyClient, MoneyError};
 use crate::plan::{PartitionRule, PartitionSlice};
@@ -1459,7 +1458,7 @@ impl Worker {
                 _ = self.stop.cancelled() => return Ok(0),
             }
         }
-        let (claimed, prepared) = {
+        let claimed = {
             let mut c = conn(&self.pool).await?;
             let mut cursor = self.cursor.lock().map(|g| *g).unwrap_or_default();
             if self.rescanned.lock().map(|t| t.elapsed() >= RESCAN_EVERY).unwrap_or(true) {
@@ -1477,16 +1476,19 @@ impl Worker {
             } else {
                 self.settings.batch_size
             };
-            let claimed = claim_with_retry(
-                &mut c,
-                self.kind.table(),
-                self.campaign,
-                &self.slice,
-                size,
-                &self.next_token(),
-                &mut cursor,
-            )
-            .await;
+            let ctx = ValidationContext {
+                now: Utc::now(),
+                max_point_amount: self.settings.max_point_amount,
+                expiry_offset: self.settings.expiry_offset,
+            };
+            let token = self.next_token();
+            let spec = repo::ClaimSpec {
+                campaign: self.campaign,
+                slice: &self.slice,
+                limit: size,
+                token: &token,
+            };
+            let claimed = claim_with_retry(&mut c, &*self.kind, spec, &mut cursor, &ctx).await;
             if let Ok(mut g) = self.cursor.lock() {
                 // A failed claim starts over next time.
                 *g = if claimed.is_ok() { cursor } else { repo::ClaimCursor::start() };
@@ -1497,31 +1499,11 @@ impl Worker {
             }
             self.idle.store(false, Ordering::SeqCst);
             self.outstanding.fetch_add(claimed.len(), Ordering::SeqCst);
-            let ids: Vec<TargetId> = claimed.iter().map(|c| c.target).collect();
-            let ctx = ValidationContext {
-                now: Utc::now(),
-                max_point_amount: self.settings.max_point_amount,
-                expiry_offset: self.settings.expiry_offset,
-            };
-            match self.kind.prepare(&mut c, self.campaign, &ids, &ctx).await {
-                Ok(p) => (claimed, p),
-                Err(e) => {
-                    // Claimed but unloadable: give the rows back rather than strand them.
-                    for cl in &claimed {
-                        self.emit(cl.target, cl.claim.clone(), Outcome::Released);
-                    }
-                    return Err(e.into());
-                }
-            }
+            claimed
         };
-        let claims: HashMap<TargetId, (repo::ClaimToken, i32)> =
-            claimed.iter().map(|c| (c.target, (c.claim.clone(), c.budget_attempt()))).collect();
-        let mut seen = 0usize;
-        for p in prepared {
-            let Some((claim, budget_attempt)) = claims.get(&p.target).cloned() else {
-                continue;
-            };
-            seen += 1;
+        let count = claimed.len();
+        for (claimed, p) in claimed {
+            let claim = claimed.claim.clone();
             match p.request {
                 Err(invalid) => self.emit(
                     p.target,
@@ -1532,7 +1514,7 @@ impl Worker {
                     let job = Job {
                         request,
                         claim: claim.clone(),
-                        budget_attempt,
+                        budget_attempt: claimed.budget_attempt(),
                         outcomes: self.outcomes.clone(),
                         stop: self.stop.clone(),
                     };
@@ -1553,12 +1535,7 @@ impl Worker {
                 }
             }
         }
-        if seen < claimed.len() {
-            // A claimed id that could not be loaded (deleted meanwhile): let it go.
-            warn!(campaign.id = %self.campaign, missing = claimed.len() - seen, "claimed rows vanished before loading");
-            self.outstanding.fetch_sub(claimed.len() - seen, Ordering::SeqCst);
-        }
-        Ok(claimed.len())
+        Ok(count)
     }
 
     fn emit(&self, target: TargetId, claim: repo::ClaimToken, outcome: Outcome) {
@@ -1572,21 +1549,20 @@ impl Worker {
     }
 }
 
-/// Claims the next batch from the worker's cursor; an empty claim that did not start at the
-/// beginning of the partition starts over once (rows may have come back behind the cursor).
+/// Claims the next batch from the worker's cursor and prepares its requests; an empty claim
+/// that did not start at the beginning of the partition starts over once (rows may have come
+/// back behind the cursor).
 async fn claim_with_retry(
     c: &mut diesel_async::AsyncMysqlConnection,
-    table: &str,
-    campaign: CampaignId,
-    slice: &PartitionSlice,
-    limit: u32,
-    token: &repo::ClaimToken,
+    kind: &dyn ErasedKind,
+    spec: repo::ClaimSpec<'_>,
     cursor: &mut repo::ClaimCursor,
-) -> Result<Vec<repo::Claimed>, DbError> {
+    ctx: &ValidationContext,
+) -> Result<Vec<(repo::Claimed, Prepared)>, DbError> {
     let mut tries = 0;
     loop {
         let from_start = cursor.at_start();
-        match repo::claim(c, table, campaign, slice, limit, token, cursor).await {
+        match kind.claim_prepared(c, spec, cursor, ctx).await {
             Ok(v) if v.is_empty() && !from_start => continue,
             Ok(v) => return Ok(v),
             Err(e) => {

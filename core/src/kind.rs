@@ -1,8 +1,8 @@
 //! The extension point: a `PayoutKind` turns one target row into one validated Money grant request.
 //!
-//! The engine is generic over kinds: it claims ids and writes outcomes with SQL common to every
-//! target table, and asks the kind (through [`KindRegistry`]) only to load its rows and build
-//! requests. A new kind is a crate implementing [`PayoutKind`] plus one `register` line in the
+//! The engine is generic over kinds: it claims rows and writes outcomes with SQL common to every
+//! target table, and asks the kind (through [`KindRegistry`]) only for the columns to read with
+//! the claim and to build requests from them. A new kind is a crate implementing [`PayoutKind`] plus one `register` line in the
 //! daemon.
 
 use std::collections::BTreeMap;
@@ -18,6 +18,7 @@ use diesel_async::AsyncMysqlConnection;
 use serde::Serialize;
 
 use crate::domain::{CampaignId, TargetId};
+use crate::repo::{ClaimCursor, ClaimSpec, Claimed};
 
 /// Money's `Idempotency-Key`: derived from the row's identity only, so every attempt and every
 /// re-grant of a row carries the same key. At most 128 printable ASCII characters.
@@ -190,6 +191,16 @@ pub trait ErasedKind: Send + Sync {
         ids: &[TargetId],
         ctx: &ValidationContext,
     ) -> Result<Vec<Prepared>, diesel::result::Error>;
+
+    /// Claims a batch of rows (see [`crate::repo::claim`]) and prepares their requests from the
+    /// claim's own read of them, in claim order.
+    async fn claim_prepared(
+        &self,
+        conn: &mut AsyncMysqlConnection,
+        spec: ClaimSpec<'_>,
+        cursor: &mut ClaimCursor,
+        ctx: &ValidationContext,
+    ) -> Result<Vec<(Claimed, Prepared)>, diesel::result::Error>;
 }
 
 struct Erased<K>(std::marker::PhantomData<K>);
@@ -217,6 +228,27 @@ impl<K: PayoutKind> ErasedKind for Erased<K> {
             .map(|row| Prepared {
                 target: K::target_id(row),
                 request: K::to_request(campaign, row, ctx),
+            })
+            .collect())
+    }
+
+    async fn claim_prepared(
+        &self,
+        conn: &mut AsyncMysqlConnection,
+        spec: ClaimSpec<'_>,
+        cursor: &mut ClaimCursor,
+        ctx: &ValidationContext,
+    ) -> Result<Vec<(Claimed, Prepared)>, diesel::result::Error> {
+        let rows: Vec<(Claimed, K::Row)> =
+            crate::repo::claim_rows(conn, K::TABLE, K::COLUMNS, spec, cursor).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(claimed, row)| {
+                let prepared = Prepared {
+                    target: claimed.target,
+                    request: K::to_request(spec.campaign, &row, ctx),
+                };
+                (claimed, prepared)
             })
             .collect())
     }

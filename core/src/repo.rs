@@ -19,6 +19,7 @@ use chrono::NaiveDateTime;
 use diesel::QueryableByName;
 use diesel::mysql::Mysql;
 use diesel::query_builder::BoxedSqlQuery;
+use diesel::row::NamedRow;
 use diesel::sql_types::{BigInt, Integer, Nullable, SmallInt, Text};
 use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl};
 
@@ -636,6 +637,28 @@ struct ClaimRow {
     retry_base: i32,
 }
 
+/// A claimed row read together with the payload columns a kind asked for (`R`), from one
+/// result row: the claim's own columns and the kind's are looked up by name.
+struct ClaimedRow<R> {
+    claim: ClaimRow,
+    payload: R,
+}
+
+impl<R: QueryableByName<Mysql>> QueryableByName<Mysql> for ClaimedRow<R> {
+    fn build<'a>(row: &impl NamedRow<'a, Mysql>) -> diesel::deserialize::Result<Self> {
+        Ok(ClaimedRow { claim: ClaimRow::build(row)?, payload: R::build(row)? })
+    }
+}
+
+/// No payload: [`claim`] reads the claim's own columns only.
+struct NoPayload;
+
+impl QueryableByName<Mysql> for NoPayload {
+    fn build<'a>(_row: &impl NamedRow<'a, Mysql>) -> diesel::deserialize::Result<Self> {
+        Ok(NoPayload)
+    }
+}
+
 /// Where a partition's next claim starts: after this `(bucket, id)` in claim-index order.
 ///
 /// Claiming from the start of the partition's range every time makes each claim step over the
@@ -660,6 +683,15 @@ impl ClaimCursor {
     }
 }
 
+/// What one claim asks for: up to `limit` PENDING rows of `slice` of `campaign`, under `token`.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimSpec<'a> {
+    pub campaign: CampaignId,
+    pub slice: &'a PartitionSlice,
+    pub limit: u32,
+    pub token: &'a ClaimToken,
+}
+
 /// Claims up to `limit` PENDING rows of one partition, in claim-index order from `cursor`:
 /// locks their ids (`SKIP LOCKED`) and marks them IN_FLIGHT under the claim's `token`, in one
 /// short transaction. Moves the cursor past the claimed rows, or back to the start when the
@@ -673,16 +705,37 @@ pub async fn claim(
     token: &ClaimToken,
     cursor: &mut ClaimCursor,
 ) -> QResult<Vec<Claimed>> {
+    let spec = ClaimSpec { campaign: id, slice, limit, token };
+    let rows = claim_rows::<NoPayload>(conn, table, "", spec, cursor).await?;
+    Ok(rows.into_iter().map(|(claimed, NoPayload)| claimed).collect())
+}
+
+/// [`claim`], reading each claimed row's `columns` (a kind's `SELECT` list, loaded as `R`;
+/// empty for none) in the claim's own locking read: no second statement to load the rows it
+/// claimed.
+pub async fn claim_rows<R>(
+    conn: &mut AsyncMysqlConnection,
+    table: &str,
+    columns: &str,
+    spec: ClaimSpec<'_>,
+    cursor: &mut ClaimCursor,
+) -> QResult<Vec<(Claimed, R)>>
+where
+    R: QueryableByName<Mysql> + Send + 'static,
+{
+    let ClaimSpec { campaign: id, slice, limit, token } = spec;
     // From the start: after (bucket_lo, id 0); ids start at 1. The index is forced: when the
     // partition holds much of the table, the optimizer prefers a table scan and a sort for the
     // ORDER BY, and a locking table scan briefly locks every other partition's rows, which
     // their concurrent SKIP LOCKED claims then skip (seen: a claim coming back empty with
     // thousands of rows PENDING).
     let (after_bucket, after_id) = cursor.after.unwrap_or((slice.bucket_lo as i16, 0));
-    let rows: Vec<ClaimRow> = conn
+    let payload = if columns.is_empty() { String::new() } else { format!(", {columns}") };
+    let rows: Vec<ClaimedRow<R>> = conn
         .transaction(async |c| {
-            let rows: Vec<ClaimRow> = diesel::sql_query(format!(
-                "SELECT id, bucket, attempts, retry_base FROM {table} FORCE INDEX (ix_{table}_claim) \
+            let rows: Vec<ClaimedRow<R>> = diesel::sql_query(format!(
+                "SELECT id, bucket, attempts, retry_base{payload} FROM {table} \
+                 FORCE INDEX (ix_{table}_claim) \
                  WHERE event_id = ? AND status = 'PENDING' AND bucket < ? \
                  AND (bucket > ? OR (bucket = ? AND id > ?)) \
                  ORDER BY bucket, id LIMIT ? FOR UPDATE SKIP LOCKED"
@@ -706,23 +759,26 @@ pub async fn claim(
             let mut q: BoxedSqlQuery<'_, Mysql, _> = diesel::sql_query(sql).into_boxed();
             q = q.bind::<Text, _>(token.to_string());
             for r in &rows {
-                q = q.bind::<BigInt, _>(r.id);
+                q = q.bind::<BigInt, _>(r.claim.id);
             }
             q.execute(c).await?;
             Ok::<_, diesel::result::Error>(rows)
         })
         .await?;
     cursor.after = match rows.last() {
-        Some(last) if rows.len() >= limit as usize => Some((last.bucket, last.id)),
+        Some(last) if rows.len() >= limit as usize => Some((last.claim.bucket, last.claim.id)),
         _ => None,
     };
     Ok(rows
         .into_iter()
-        .map(|r| Claimed {
-            target: TargetId(r.id),
-            claim: token.clone(),
-            attempts: r.attempts,
-            retry_base: r.retry_base,
+        .map(|r| {
+            let claimed = Claimed {
+                target: TargetId(r.claim.id),
+                claim: token.clone(),
+                attempts: r.claim.attempts,
+                retry_base: r.claim.retry_base,
+            };
+            (claimed, r.payload)
         })
         .collect())
 }

@@ -9,6 +9,7 @@
 
 use mysql_async::Value;
 use mysql_async::prelude::Queryable;
+use payout_core::PayoutKind;
 
 use crate::support::*;
 
@@ -142,20 +143,25 @@ async fn claiming_status_completion_and_retries_use_the_claim_index() -> anyhow:
     db.exec("ANALYZE TABLE point_targets, voucher_targets, campaigns, campaign_counters").await?;
 
     let mut report = String::new();
-    for (table, id) in [("point_targets", 43), ("voucher_targets", 45)] {
-        // repo::claim: the SELECT (with and without the locking clause) and the UPDATE by id.
+    let kinds = [
+        ("point_targets", 43, <payout_point::Point as PayoutKind>::COLUMNS),
+        ("voucher_targets", 45, <payout_voucher::Voucher as PayoutKind>::COLUMNS),
+    ];
+    for (table, id, columns) in kinds {
+        // repo::claim_rows: the SELECT (with and without the locking clause, with the kind's
+        // columns) and the UPDATE by id.
         for sql in [
             // From the start of partition 1 of 4 (after bucket 210, id 0), and from a cursor
             // in the middle of it; the ORDER BY must come from the index (no filesort).
             format!(
-                "SELECT id, bucket, attempts, retry_base FROM {table} \
+                "SELECT id, bucket, attempts, retry_base, {columns} FROM {table} \
                  FORCE INDEX (ix_{table}_claim) \
                  WHERE event_id = {id} AND status = 'PENDING' AND bucket < 420 \
                  AND (bucket > 210 OR (bucket = 210 AND id > 0)) \
                  ORDER BY bucket, id LIMIT 1000 FOR UPDATE SKIP LOCKED"
             ),
             format!(
-                "SELECT id, bucket, attempts, retry_base FROM {table} \
+                "SELECT id, bucket, attempts, retry_base, {columns} FROM {table} \
                  FORCE INDEX (ix_{table}_claim) \
                  WHERE event_id = {id} AND status = 'PENDING' AND bucket < 420 \
                  AND (bucket > 300 OR (bucket = 300 AND id > 1000)) \

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use payout_tests::money_sim::SimConfig;
+use payout_tests::money_sim::{GrantRecord, SimConfig};
 
 use crate::support::*;
 
@@ -47,21 +47,34 @@ async fn vouchers_and_points_with_shared_customers_are_each_granted_exactly_once
     assert_eq!(ledger.grants_total, 20_000);
     assert_eq!(ledger.duplicate_grants, 0);
     assert_eq!(ledger.rate_limited_total, 0);
-    let grants: HashMap<String, String> =
-        sim.grants().into_iter().map(|g| (g.idempotency_key, g.transaction_id)).collect();
+    let grants: HashMap<String, GrantRecord> =
+        sim.grants().into_iter().map(|g| (g.idempotency_key.clone(), g)).collect();
     assert_eq!(grants.len(), 20_000);
-    for (table, prefix, event) in
-        [("voucher_targets", "voucher", 42), ("point_targets", "point", 43)]
-    {
-        let rows: Vec<(i64, Option<String>, i32)> = db
+    // Each request carried its own row's columns (the claim reads them as it locks the row).
+    for (table, prefix, event, field) in [
+        ("voucher_targets", "voucher", 42, "voucher_number"),
+        ("point_targets", "point", 43, "CAST(amount AS CHAR)"),
+    ] {
+        let rows: Vec<(i64, Option<String>, i32, String, String, String)> = db
             .query(&format!(
-                "SELECT id, transaction_id, attempts FROM {table} WHERE event_id = {event}"
+                "SELECT id, transaction_id, attempts, customer_uid, {field}, reason \
+                 FROM {table} WHERE event_id = {event}"
             ))
             .await?;
-        for (id, tx, attempts) in rows {
+        for (id, tx, attempts, customer_uid, value, reason) in rows {
             let key = format!("{prefix}-{event}-{id}");
-            assert_eq!(tx.as_ref(), grants.get(&key), "row {key}");
+            let grant = grants.get(&key);
+            assert_eq!(tx.as_ref(), grant.map(|g| &g.transaction_id), "row {key}");
             assert_eq!(attempts, 1, "row {key}");
+            let body = grant.map(|g| &g.body);
+            let text = |name: &str| {
+                body.and_then(|b| b.get(name))
+                    .map(|v| v.as_str().map_or(v.to_string(), str::to_owned))
+            };
+            assert_eq!(text("customer_uid"), Some(customer_uid), "row {key}");
+            assert_eq!(text("reason"), Some(reason), "row {key}");
+            let name = if prefix == "voucher" { "voucher_number" } else { "amount" };
+            assert_eq!(text(name), Some(value), "row {key}");
         }
     }
     daemon.terminate(Duration::from_secs(15)).await?;

@@ -2,8 +2,8 @@
 //! validate, write the outcome back, complete the campaign) with the HTTP call replaced by an
 //! immediate grant. It uses the engine's own repository functions, so it measures the same SQL.
 //!
-//! Per partition, one task claims batches (`repo::claim`, then `kind.prepare`, which loads the
-//! rows by primary key and builds their requests) and hands each batch's outcomes to a writer
+//! Per partition, one task claims batches (`kind.claim_prepared`: the engine's claim, which reads
+//! the rows' columns as it locks them, and the kind's validation) and hands each batch's outcomes to a writer
 //! task (`repo::write_outcomes` into the partition's counter shard), so claiming the next batch
 //! overlaps writing the previous one, as in the engine. Then `repo::complete_if_done`.
 
@@ -17,7 +17,7 @@ use payout_core::db::{self, DbPool, DbSettings};
 use payout_core::kind::ErasedKind;
 use payout_core::plan::{PartitionRule, PartitionSlice};
 use payout_core::repo::{self, Outcome, RowOutcome};
-use payout_core::{CampaignId, KindRegistry, TargetId, ValidationContext};
+use payout_core::{CampaignId, KindRegistry, ValidationContext};
 use secrecy::SecretString;
 use serde::Serialize;
 
@@ -33,10 +33,9 @@ pub struct DbOnlyReport {
     /// From the start of the pass (plan included) to the campaign being COMPLETED.
     pub seconds: f64,
     pub rows_per_sec: f64,
-    /// Wall time summed over the partitions' claim transactions (`repo::claim`).
+    /// Wall time summed over the partitions' claims, validation included
+    /// (`kind.claim_prepared`).
     pub claim_secs_total: f64,
-    /// Wall time summed over loading and validating claimed rows (`kind.prepare`).
-    pub prepare_secs_total: f64,
     /// Wall time summed over the outcome transactions (`repo::write_outcomes`).
     pub write_secs_total: f64,
     /// The final `repo::complete_if_done`.
@@ -60,7 +59,6 @@ pub struct DbOnlyReport {
 #[derive(Default)]
 struct Timers {
     claim_ns: AtomicU64,
-    prepare_ns: AtomicU64,
     write_ns: AtomicU64,
     batches: AtomicU64,
     retries: AtomicU64,
@@ -172,7 +170,6 @@ pub async fn run(
         seconds: r3(seconds),
         rows_per_sec: r3(rows as f64 / seconds.max(1e-9)),
         claim_secs_total: r3(ns(&timers.claim_ns)),
-        prepare_secs_total: r3(ns(&timers.prepare_ns)),
         write_secs_total: r3(ns(&timers.write_ns)),
         complete_ms: r3(complete_ms),
         claim_batches: timers.batches.load(Ordering::Relaxed),
@@ -222,11 +219,11 @@ async fn claimer(
         let token: repo::ClaimToken = format!("{owner}/{seq}").into();
         let t = Instant::now();
         let mut tries = 0;
+        let spec =
+            repo::ClaimSpec { campaign: id, slice: &slice, limit: batch_size, token: &token };
         let claimed = loop {
             let from_start = cursor.at_start();
-            match repo::claim(&mut c, kind.table(), id, &slice, batch_size, &token, &mut cursor)
-                .await
-            {
+            match kind.claim_prepared(&mut c, spec, &mut cursor, &ctx).await {
                 // The end of the partition: start over once before calling it done.
                 Ok(v) if v.is_empty() && !from_start => {}
                 Ok(v) => break v,
@@ -249,13 +246,9 @@ async fn claimer(
         }
         skipped = 0;
         timers.batches.fetch_add(1, Ordering::Relaxed);
-        let ids: Vec<TargetId> = claimed.iter().map(|c| c.target).collect();
-        let t = Instant::now();
-        let prepared = kind.prepare(&mut c, id, &ids, &ctx).await?;
-        add(&timers.prepare_ns, t);
-        let outcomes: Vec<RowOutcome> = prepared
+        let outcomes: Vec<RowOutcome> = claimed
             .into_iter()
-            .map(|p| RowOutcome {
+            .map(|(_, p)| RowOutcome {
                 target: p.target,
                 claim: token.clone(),
                 outcome: match p.request {

@@ -1068,9 +1068,8 @@ pub fn summary(r: &BenchReport) -> String {
         let batches = d.claim_batches.max(1) as f64;
         let _ = writeln!(
             s,
-            "    per batch           claim {:.0} ms, load+validate {:.0} ms, write back {:.0} ms ({} batches, {} retries, {} empty claims with rows left)",
+            "    per batch           claim+validate {:.0} ms, write back {:.0} ms ({} batches, {} retries, {} empty claims with rows left)",
             d.claim_secs_total * 1000.0 / batches,
-            d.prepare_secs_total * 1000.0 / batches,
             d.write_secs_total * 1000.0 / batches,
             d.claim_batches,
             d.retries,
