@@ -17,6 +17,7 @@ pub mod plan;
 pub mod rate;
 pub mod repo;
 pub mod retry;
+mod reused;
 pub mod sweep;
 
 pub use domain::{CampaignId, CampaignStatus, TargetId, TargetStatus};

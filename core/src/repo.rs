@@ -18,13 +18,13 @@ use std::time::Duration;
 use chrono::NaiveDateTime;
 use diesel::QueryableByName;
 use diesel::mysql::Mysql;
-use diesel::query_builder::BoxedSqlQuery;
 use diesel::row::NamedRow;
 use diesel::sql_types::{BigInt, Integer, Nullable, SmallInt, Text};
 use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl};
 
 use crate::domain::{CampaignId, CampaignStatus, OperatorCommand, TargetId, TargetStatus};
 use crate::plan::{PartitionRule, PartitionSlice, slices};
+use crate::reused::{Reused, shape};
 
 type QResult<T> = Result<T, diesel::result::Error>;
 
@@ -52,6 +52,17 @@ fn values_table(columns: &[&str], rows: usize) -> String {
         s.push_str(" UNION ALL SELECT ");
         s.push_str(&rest);
     }
+    s
+}
+
+/// `CASE id WHEN ? THEN ? ... END`: a value per row, bound as (id, value) pairs.
+fn case_by_id(rows: usize) -> String {
+    let mut s = String::with_capacity(8 + rows * 14);
+    s.push_str("CASE id");
+    for _ in 0..rows {
+        s.push_str(" WHEN ? THEN ?");
+    }
+    s.push_str(" END");
     s
 }
 
@@ -733,33 +744,33 @@ where
     let payload = if columns.is_empty() { String::new() } else { format!(", {columns}") };
     let rows: Vec<ClaimedRow<R>> = conn
         .transaction(async |c| {
-            let rows: Vec<ClaimedRow<R>> = diesel::sql_query(format!(
+            let rows: Vec<ClaimedRow<R>> = Reused::new(format!(
                 "SELECT id, bucket, attempts, retry_base{payload} FROM {table} \
                  FORCE INDEX (ix_{table}_claim) \
                  WHERE event_id = ? AND status = 'PENDING' AND bucket < ? \
                  AND (bucket > ? OR (bucket = ? AND id > ?)) \
                  ORDER BY bucket, id LIMIT ? FOR UPDATE SKIP LOCKED"
             ))
-            .bind::<BigInt, _>(id.0)
-            .bind::<SmallInt, _>(slice.bucket_hi as i16)
-            .bind::<SmallInt, _>(after_bucket)
-            .bind::<SmallInt, _>(after_bucket)
-            .bind::<BigInt, _>(after_id)
-            .bind::<BigInt, _>(i64::from(limit))
+            .big(id.0)
+            .small(slice.bucket_hi as i16)
+            .small(after_bucket)
+            .small(after_bucket)
+            .big(after_id)
+            .big(i64::from(limit))
             .load(c)
             .await?;
-            if rows.is_empty() {
+            let Some(last) = rows.last() else {
                 return Ok::<_, diesel::result::Error>(rows);
-            }
-            let sql = format!(
+            };
+            let places = shape(rows.len());
+            let mut q = Reused::new(format!(
                 "UPDATE {table} SET status = 'IN_FLIGHT', claimed_by = ?, updated_at = NOW(3) \
                  WHERE id IN ({})",
-                placeholders(rows.len())
-            );
-            let mut q: BoxedSqlQuery<'_, Mysql, _> = diesel::sql_query(sql).into_boxed();
-            q = q.bind::<Text, _>(token.to_string());
-            for r in &rows {
-                q = q.bind::<BigInt, _>(r.claim.id);
+                placeholders(places)
+            ))
+            .text(token.to_string());
+            for r in rows.iter().chain(std::iter::repeat_n(last, places - rows.len())) {
+                q = q.big(r.claim.id);
             }
             q.execute(c).await?;
             Ok::<_, diesel::result::Error>(rows)
@@ -917,17 +928,29 @@ pub async fn write_outcomes(
         if !granted.is_empty() {
             // Normally from IN_FLIGHT; a success found on a DEAD row (a race with a person's
             // action) still wins, and moves the row between the counters.
-            for from in ["t.status NOT IN ('SUCCEEDED', 'DEAD')", "t.status = 'DEAD'"] {
-                let sql = format!(
-                    "UPDATE {table} t JOIN ({}) v ON t.id = v.id \
-                     SET t.status = 'SUCCEEDED', t.transaction_id = v.tx, t.last_error = NULL, \
-                     t.attempts = t.attempts + 1, t.next_attempt_at = NULL, t.updated_at = NOW(3) \
-                     WHERE {from}",
-                    values_table(&["id", "tx"], granted.len())
-                );
-                let mut q = diesel::sql_query(sql).into_boxed::<Mysql>();
-                for (o, tx) in &granted {
-                    q = q.bind::<BigInt, _>(o.target.0).bind::<Text, _>(truncate(tx, 128));
+            // One statement over the rows by primary key, each row's transaction id picked by a
+            // CASE. A join with a derived table of one `SELECT` per row (as the rarer outcome
+            // classes below use) makes MariaDB fill and read a temporary table per batch: two
+            // temporary-table writes and two reads per row, about 15 % more CPU for the
+            // statement (measured on 100,000 rows in batches of 250).
+            let places = shape(granted.len());
+            let padded = || {
+                let last = granted.last().into_iter().cycle();
+                granted.iter().chain(last.take(places - granted.len()))
+            };
+            for from in ["status NOT IN ('SUCCEEDED', 'DEAD')", "status = 'DEAD'"] {
+                let mut q = Reused::new(format!(
+                    "UPDATE {table} SET status = 'SUCCEEDED', transaction_id = {}, \
+                     last_error = NULL, attempts = attempts + 1, next_attempt_at = NULL, \
+                     updated_at = NOW(3) WHERE id IN ({}) AND {from}",
+                    case_by_id(places),
+                    placeholders(places)
+                ));
+                for (o, tx) in padded() {
+                    q = q.big(o.target.0).text(truncate(tx, 128));
+                }
+                for (o, _) in padded() {
+                    q = q.big(o.target.0);
                 }
                 let n = q.execute(c).await? as i64;
                 succeeded_delta += n;
@@ -1032,16 +1055,16 @@ pub async fn add_counters(
     succeeded: i64,
     dead: i64,
 ) -> QResult<()> {
-    diesel::sql_query(
+    Reused::new(
         "INSERT INTO campaign_counters (campaign_id, shard, succeeded, dead) VALUES (?, ?, ?, ?) \
          ON DUPLICATE KEY UPDATE succeeded = succeeded + ?, dead = dead + ?",
     )
-    .bind::<BigInt, _>(id.0)
-    .bind::<SmallInt, _>(shard)
-    .bind::<BigInt, _>(succeeded)
-    .bind::<BigInt, _>(dead)
-    .bind::<BigInt, _>(succeeded)
-    .bind::<BigInt, _>(dead)
+    .big(id.0)
+    .small(shard)
+    .big(succeeded)
+    .big(dead)
+    .big(succeeded)
+    .big(dead)
     .execute(conn)
     .await?;
     Ok(())
@@ -1169,6 +1192,7 @@ mod tests {
             "SELECT ? AS id, ? AS tx UNION ALL SELECT ?, ? UNION ALL SELECT ?, ?"
         );
         assert_eq!(placeholders(3), "?,?,?");
+        assert_eq!(case_by_id(2), "CASE id WHEN ? THEN ? WHEN ? THEN ? END");
     }
 
     #[test]
