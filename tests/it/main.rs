@@ -13,5 +13,6 @@ mod foundation;
 mod leases;
 mod money_client;
 mod scaleout;
+mod statements;
 mod support;
 mod systemd;

@@ -119,6 +119,9 @@ impl Connected<IncomingStream<'_, SimListener>> for ConnHandle {
     }
 }
 
+/// The most a stamped read asks the kernel for (see [`StampedStream`]'s `poll_read`).
+const READ_WINDOW: usize = 2048;
+
 /// A TCP stream whose reads note the kernel's receive time of the bytes they return.
 #[derive(Debug)]
 pub(crate) struct StampedStream {
@@ -159,7 +162,11 @@ impl AsyncRead for StampedStream {
         }
         loop {
             ready!(this.inner.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
+            // The caller's buffer is uninitialised and large (hyper's starts at 8 KiB), and a
+            // safe read must zero what it offers the kernel: offer at most READ_WINDOW bytes,
+            // enough for a grant request in one read, so a read does not zero 8 KiB or more.
+            let window = buf.remaining().min(READ_WINDOW);
+            let unfilled = buf.initialize_unfilled_to(window);
             match this.inner.try_io(Interest::READABLE, || read_stamped(&this.inner, unfilled)) {
                 Ok((n, at)) => {
                     if let Some(ns) = at {

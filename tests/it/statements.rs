@@ -1,0 +1,133 @@
+//! Issue 4/5: the statements run for every batch (the claim's read and mark, the granted rows'
+//! write, the counter update) are prepared once per connection, not once per batch, and the
+//! padding that keeps their texts to a few shapes changes nothing they count or write. Drives
+//! `payout_core::repo` directly on one connection and reads that session's own counters.
+
+use std::time::Duration;
+
+use diesel::QueryableByName;
+use diesel::sql_types::{BigInt, Text};
+use diesel_async::RunQueryDsl;
+use payout_core::db::{self, DbSettings};
+use payout_core::plan::slices;
+use payout_core::repo::{self, ClaimCursor, Outcome, RowOutcome};
+use payout_core::{CampaignId, PayoutKind};
+use secrecy::SecretString;
+
+use crate::support::*;
+
+const C: CampaignId = CampaignId(43);
+
+#[derive(QueryableByName)]
+struct StatusRow {
+    #[diesel(sql_type = Text)]
+    value: String,
+}
+
+/// `Com_stmt_prepare` of this connection's own session.
+async fn prepares(c: &mut diesel_async::AsyncMysqlConnection) -> anyhow::Result<i64> {
+    let rows: Vec<StatusRow> = diesel::sql_query(
+        "SELECT VARIABLE_VALUE AS value FROM information_schema.SESSION_STATUS WHERE VARIABLE_NAME = 'COM_STMT_PREPARE'",
+    )
+    .load(c)
+    .await?;
+    Ok(rows.into_iter().next().map(|r| r.value.parse()).transpose()?.unwrap_or(0))
+}
+
+#[derive(QueryableByName)]
+struct Sum {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batch_statements_are_prepared_once_per_connection() -> anyhow::Result<()> {
+    let _timing = shared().await;
+    let db = TestDb::new().await?;
+    db.campaign(C.0, "POINT", "reuse").await?;
+    db.load_points(C.0, &point_rows(2_000)).await?;
+    let pool = db::pool(&DbSettings {
+        url: SecretString::from(db.url.clone()),
+        pool_size: 2,
+        connect_timeout: Duration::from_secs(10),
+    })?;
+    let mut c = db::conn(&pool).await?;
+    let slice = slices(1)[0];
+    let before = prepares(&mut c).await?;
+
+    // Batches of 100 (written as 128 places), then whatever is left in batches of 300 (512).
+    let mut cursor = ClaimCursor::start();
+    let (mut batches, mut claimed_total) = (0, 0);
+    for n in 0.. {
+        let limit = if n < 12 { 100 } else { 300 };
+        let token: repo::ClaimToken = format!("reuse/{n}").into();
+        let claimed = repo::claim(&mut c, "point_targets", C, &slice, limit, &token, &mut cursor)
+            .await?;
+        if claimed.is_empty() {
+            break;
+        }
+        claimed_total += claimed.len();
+        batches += 1;
+        let outcomes: Vec<RowOutcome> = claimed
+            .iter()
+            .map(|cl| RowOutcome {
+                target: cl.target,
+                claim: cl.claim.clone(),
+                outcome: Outcome::Granted { transaction_id: format!("tx-{}", cl.target.0) },
+            })
+            .collect();
+        repo::write_outcomes(&mut c, "point_targets", "POINT", C, 0, &outcomes).await?;
+    }
+    assert_eq!(claimed_total, 2_000);
+    assert!(batches >= 15, "{batches} batches");
+
+    // Each shape prepared once: the claim's read, its mark (128 and 512 places, and the short
+    // last batch's shape), the granted write (the same shapes) and the counters; the status
+    // queries of this test add one each.
+    let prepared = prepares(&mut c).await? - before;
+    assert!(prepared <= 10, "{prepared} statements prepared over {batches} batches");
+
+    // Padding repeats the last row: every row written once, with its own id, counted once.
+    let wrong: Vec<Sum> = diesel::sql_query(
+        "SELECT COUNT(*) AS n FROM point_targets WHERE event_id = ? AND (status <> 'SUCCEEDED' \
+         OR transaction_id <> CONCAT('tx-', id) OR attempts <> 1)",
+    )
+    .bind::<BigInt, _>(C.0)
+    .load(&mut *c)
+    .await?;
+    assert_eq!(wrong[0].n, 0);
+    let counted: Vec<Sum> = diesel::sql_query(
+        "SELECT CAST(SUM(succeeded) AS SIGNED) AS n FROM campaign_counters WHERE campaign_id = ?",
+    )
+    .bind::<BigInt, _>(C.0)
+    .load(&mut *c)
+    .await?;
+    assert_eq!(counted[0].n, 2_000);
+
+    // The kind's claim reads the kind's columns with the same statement reuse.
+    drop(c);
+    db.exec("UPDATE point_targets SET status = 'PENDING' WHERE event_id = 43 AND id % 2 = 0")
+        .await?;
+    let mut c = db::conn(&pool).await?;
+    let kinds = {
+        let mut k = payout_core::KindRegistry::new();
+        k.register::<payout_point::Point>();
+        k
+    };
+    let kind = kinds.get(payout_point::Point::KIND).ok_or_else(|| anyhow::anyhow!("no kind"))?;
+    let ctx = payout_core::kind::conformance::context();
+    let token: repo::ClaimToken = "reuse/kind".into();
+    let spec = repo::ClaimSpec { campaign: C, slice: &slice, limit: 2_000, token: &token };
+    let got = kind.claim_prepared(&mut c, spec, &mut ClaimCursor::start(), &ctx).await?;
+    assert_eq!(got.len(), 1_000);
+    for (claimed, prepared) in &got {
+        assert_eq!(claimed.target, prepared.target);
+        let request = prepared.request.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let body: serde_json::Value = serde_json::from_slice(&request.body)?;
+        // point_rows gives row i (id i + 1) the amount 100 + i.
+        assert_eq!(body["amount"].as_i64(), Some(99 + claimed.target.0), "{body}");
+        assert_eq!(request.idempotency_key.as_str(), format!("point-43-{}", claimed.target.0));
+    }
+    drop(c);
+    db.drop_db().await
+}
