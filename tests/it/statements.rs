@@ -61,8 +61,8 @@ async fn batch_statements_are_prepared_once_per_connection() -> anyhow::Result<(
     for n in 0.. {
         let limit = if n < 12 { 100 } else { 300 };
         let token: repo::ClaimToken = format!("reuse/{n}").into();
-        let claimed = repo::claim(&mut c, "point_targets", C, &slice, limit, &token, &mut cursor)
-            .await?;
+        let claimed =
+            repo::claim(&mut c, "point_targets", C, &slice, limit, &token, &mut cursor).await?;
         if claimed.is_empty() {
             break;
         }
