@@ -24,7 +24,7 @@ use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl};
 
 use crate::domain::{CampaignId, CampaignStatus, OperatorCommand, TargetId, TargetStatus};
 use crate::plan::{PartitionRule, PartitionSlice, slices};
-use crate::reused::{Reused, shape};
+use crate::reused::{Reused, padded, shape};
 
 type QResult<T> = Result<T, diesel::result::Error>;
 
@@ -759,17 +759,16 @@ where
             .big(i64::from(limit))
             .load(c)
             .await?;
-            let Some(last) = rows.last() else {
+            if rows.is_empty() {
                 return Ok::<_, diesel::result::Error>(rows);
-            };
-            let places = shape(rows.len());
+            }
             let mut q = Reused::new(format!(
                 "UPDATE {table} SET status = 'IN_FLIGHT', claimed_by = ?, updated_at = NOW(3) \
                  WHERE id IN ({})",
-                placeholders(places)
+                placeholders(shape(rows.len()))
             ))
             .text(token.to_string());
-            for r in rows.iter().chain(std::iter::repeat_n(last, places - rows.len())) {
+            for r in padded(&rows) {
                 q = q.big(r.claim.id);
             }
             q.execute(c).await?;
@@ -934,10 +933,6 @@ pub async fn write_outcomes(
             // temporary-table writes and two reads per row, about 15 % more CPU for the
             // statement (measured on 100,000 rows in batches of 250).
             let places = shape(granted.len());
-            let padded = || {
-                let last = granted.last().into_iter().cycle();
-                granted.iter().chain(last.take(places - granted.len()))
-            };
             for from in ["status NOT IN ('SUCCEEDED', 'DEAD')", "status = 'DEAD'"] {
                 let mut q = Reused::new(format!(
                     "UPDATE {table} SET status = 'SUCCEEDED', transaction_id = {}, \
@@ -946,10 +941,10 @@ pub async fn write_outcomes(
                     case_by_id(places),
                     placeholders(places)
                 ));
-                for (o, tx) in padded() {
+                for (o, tx) in padded(&granted) {
                     q = q.big(o.target.0).text(truncate(tx, 128));
                 }
-                for (o, _) in padded() {
+                for (o, _) in padded(&granted) {
                     q = q.big(o.target.0);
                 }
                 let n = q.execute(c).await? as i64;

@@ -56,6 +56,13 @@ pub(crate) fn shape(rows: usize) -> usize {
     rows.max(1).next_power_of_two()
 }
 
+/// `items` followed by its last item repeated up to [`shape`]`(items.len())` items in all: the
+/// values for a statement text written for that shape.
+pub(crate) fn padded<T>(items: &[T]) -> impl Iterator<Item = &T> + Clone {
+    let extra = shape(items.len()) - items.len();
+    items.iter().chain(items.last().into_iter().cycle().take(extra))
+}
+
 impl QueryFragment<Mysql> for Reused {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
         let mut parts = self.sql.split('?');
@@ -103,6 +110,13 @@ mod tests {
     #[test]
     fn shapes_are_powers_of_two() {
         assert_eq!([0, 1, 2, 3, 5, 250, 256, 257].map(shape), [1, 1, 2, 4, 8, 256, 256, 512]);
+    }
+
+    #[test]
+    fn padding_repeats_the_last_item_up_to_the_shape() {
+        assert_eq!(padded(&[1, 2, 3]).copied().collect::<Vec<_>>(), [1, 2, 3, 3]);
+        assert_eq!(padded(&[1, 2]).count(), 2);
+        assert_eq!(padded::<i32>(&[]).count(), 0);
     }
 
     #[test]

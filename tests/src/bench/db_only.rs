@@ -1,11 +1,12 @@
-//! The database-only ceiling: the engine's database work for every row (claim, load and
+//! The database-only ceiling: the engine's database work for every row (claim and read,
 //! validate, write the outcome back, complete the campaign) with the HTTP call replaced by an
 //! immediate grant. It uses the engine's own repository functions, so it measures the same SQL.
 //!
-//! Per partition, one task claims batches (`kind.claim_prepared`: the engine's claim, which reads
-//! the rows' columns as it locks them, and the kind's validation) and hands each batch's outcomes to a writer
-//! task (`repo::write_outcomes` into the partition's counter shard), so claiming the next batch
-//! overlaps writing the previous one, as in the engine. Then `repo::complete_if_done`.
+//! Per partition, one task claims batches (`kind.claim_prepared`: the engine's claim, which
+//! reads the rows' columns as it locks them, and the kind's validation) and hands each batch's
+//! outcomes to a writer task (`repo::write_outcomes` into the partition's counter shard), so
+//! claiming the next batch overlaps writing the previous one, as in the engine. Then
+//! `repo::complete_if_done`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
