@@ -52,6 +52,11 @@ struct Args {
     /// Grants to make room for up front (a large map's rehash stalls every request).
     #[arg(long, default_value_t = 0)]
     expected_grants: usize,
+    /// Threads serving requests. 1 (the default) runs everything on one thread, which needs
+    /// about 7 % less CPU per request than two threads handing connections to each other
+    /// (measured at 16,000 requests/s); more threads serve more than one core can.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: u16,
 }
 
 fn parse_share(value: &str) -> Result<f64, String> {
@@ -63,9 +68,21 @@ fn parse_share(value: &str) -> Result<f64, String> {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let runtime = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(args.threads))
+            .enable_all()
+            .build()
+    }
+    .context("money-sim could not start its runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

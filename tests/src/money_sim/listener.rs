@@ -22,7 +22,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::connect_info::Connected;
 use axum::serve::{IncomingStream, Listener};
-use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use std::io::Write as _;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Pause after an accept error that is not about one connection (e.g. out of descriptors).
@@ -92,9 +95,16 @@ impl Listener for SimListener {
                         tracing::debug!(%error, "money-sim could not set TCP_NODELAY");
                     }
                     let closer = duplicate(&stream).map(Arc::new);
-                    let stream = StampedStream::new(stream);
-                    let received = stream.received.clone();
-                    return (stream, ConnHandle { closer, received });
+                    match StampedStream::new(stream) {
+                        Ok(stream) => {
+                            let received = stream.received.clone();
+                            return (stream, ConnHandle { closer, received });
+                        }
+                        // The connection is closed (dropped); the client sees that and retries.
+                        Err(error) => {
+                            tracing::warn!(%error, "money-sim could not register a connection");
+                        }
+                    }
                 }
                 Err(error) if is_per_connection(&error) => {}
                 Err(error) => {
@@ -125,17 +135,31 @@ const READ_WINDOW: usize = 2048;
 /// A TCP stream whose reads note the kernel's receive time of the bytes they return.
 #[derive(Debug)]
 pub(crate) struct StampedStream {
-    inner: TcpStream,
+    io: StreamIo,
     /// See [`ConnHandle::take_received`]; shared with the connection's handle.
     received: Arc<AtomicU64>,
-    /// The kernel was asked for receive times (else reads are plain reads).
-    stamping: bool,
+}
+
+#[derive(Debug)]
+enum StreamIo {
+    /// The kernel was asked for receive times: reads are `recvmsg` calls on the registered
+    /// socket, which also keep tokio's rule of not reading again after a short read until the
+    /// socket reports new bytes (hyper polls for reads while a request is being answered, and
+    /// without that rule each of those polls is a `recvmsg` that finds nothing).
+    Stamped(AsyncFd<std::net::TcpStream>),
+    /// Plain reads (the kernel refused receive times, or the socket could not be registered).
+    Plain(TcpStream),
 }
 
 impl StampedStream {
-    pub(crate) fn new(inner: TcpStream) -> Self {
-        let stamping = enable_receive_times(&inner);
-        StampedStream { inner, received: Arc::default(), stamping }
+    /// Fails only if the socket cannot be moved from tokio's registration to its own.
+    pub(crate) fn new(inner: TcpStream) -> io::Result<Self> {
+        let io = if enable_receive_times(&inner) {
+            StreamIo::Stamped(register(inner.into_std()?)?)
+        } else {
+            StreamIo::Plain(inner)
+        };
+        Ok(StampedStream { io, received: Arc::default() })
     }
 
     /// Kernel receive time of the latest read's bytes (see [`ConnHandle::take_received`]).
@@ -143,6 +167,19 @@ impl StampedStream {
     pub(crate) fn received(&self) -> Option<SystemTime> {
         unix_nanos(self.received.load(Ordering::Relaxed))
     }
+
+    #[cfg(test)]
+    fn stamping(&self) -> bool {
+        matches!(self.io, StreamIo::Stamped(_))
+    }
+}
+/// Registers a socket with tokio for readiness alone. `AsyncFd::new` is deprecated because a
+/// type could close its descriptor while registered (tokio/tokio#8587) and its replacement is
+/// `unsafe`, which this workspace forbids; a `std::net::TcpStream` keeps its descriptor open
+/// until it is dropped, and the `AsyncFd` owns it, so the descriptor outlives the registration.
+#[allow(deprecated)]
+fn register(socket: std::net::TcpStream) -> io::Result<AsyncFd<std::net::TcpStream>> {
+    AsyncFd::new(socket)
 }
 
 /// A time stored as ns since the Unix epoch, 0 standing for none.
@@ -157,27 +194,57 @@ impl AsyncRead for StampedStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.stamping {
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
-        }
+        let fd = match &mut this.io {
+            StreamIo::Plain(stream) => return Pin::new(stream).poll_read(cx, buf),
+            StreamIo::Stamped(fd) => fd,
+        };
         loop {
-            ready!(this.inner.poll_read_ready(cx))?;
+            let mut ready = ready!(fd.poll_read_ready(cx))?;
             // The caller's buffer is uninitialised and large (hyper's starts at 8 KiB), and a
             // safe read must zero what it offers the kernel: offer at most READ_WINDOW bytes,
             // enough for a grant request in one read, so a read does not zero 8 KiB or more.
             let window = buf.remaining().min(READ_WINDOW);
             let unfilled = buf.initialize_unfilled_to(window);
-            match this.inner.try_io(Interest::READABLE, || read_stamped(&this.inner, unfilled)) {
-                Ok((n, at)) => {
+            match ready.try_io(|fd| read_stamped(fd.get_ref(), unfilled)) {
+                Ok(Ok((n, at))) => {
+                    // A TCP read that returns less than it was offered emptied the socket
+                    // (tokio's own rule for its streams): wait for the next bytes.
+                    if n > 0 && n < window {
+                        ready.clear_ready();
+                    }
                     if let Some(ns) = at {
                         this.received.store(ns, Ordering::Relaxed);
                     }
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                // Would block: readiness was cleared; wait for it again.
+                Err(_) => {}
             }
+        }
+    }
+}
+
+/// One write on the registered socket, once it is writable.
+fn poll_write_with(
+    fd: &AsyncFd<std::net::TcpStream>,
+    cx: &mut Context<'_>,
+    len: usize,
+    mut write: impl FnMut(&std::net::TcpStream) -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        let mut ready = ready!(fd.poll_write_ready(cx))?;
+        match ready.try_io(|fd| write(fd.get_ref())) {
+            Ok(Ok(n)) => {
+                // A short write filled the socket's buffer (tokio's rule again).
+                if n > 0 && n < len {
+                    ready.clear_ready();
+                }
+                return Poll::Ready(Ok(n));
+            }
+            Ok(Err(e)) => return Poll::Ready(Err(e)),
+            Err(_) => {}
         }
     }
 }
@@ -188,7 +255,10 @@ impl AsyncWrite for StampedStream {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+        match &mut self.get_mut().io {
+            StreamIo::Plain(stream) => Pin::new(stream).poll_write(cx, data),
+            StreamIo::Stamped(fd) => poll_write_with(fd, cx, data.len(), |mut s| s.write(data)),
+        }
     }
 
     fn poll_write_vectored(
@@ -196,19 +266,32 @@ impl AsyncWrite for StampedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        match &mut self.get_mut().io {
+            StreamIo::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            StreamIo::Stamped(fd) => {
+                let len = bufs.iter().map(|b| b.len()).sum();
+                poll_write_with(fd, cx, len, |mut s| s.write_vectored(bufs))
+            }
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        match &mut self.get_mut().io {
+            StreamIo::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            // Writes go straight to the socket.
+            StreamIo::Stamped(_) => Poll::Ready(Ok(())),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        match &mut self.get_mut().io {
+            StreamIo::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            StreamIo::Stamped(fd) => Poll::Ready(fd.get_ref().shutdown(Shutdown::Write)),
+        }
     }
 }
 
@@ -233,7 +316,7 @@ fn enable_receive_times<S>(_socket: &S) -> bool {
 /// One non-blocking `recvmsg`: the bytes read and the kernel's receive time of the last of
 /// them (ns since the Unix epoch), if it gave one.
 #[cfg(any(target_os = "linux", target_os = "android"))]
-fn read_stamped(stream: &TcpStream, into: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
+fn read_stamped(stream: &std::net::TcpStream, into: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
     use std::io::IoSliceMut;
     use std::os::fd::AsRawFd as _;
 
@@ -257,7 +340,10 @@ fn read_stamped(stream: &TcpStream, into: &mut [u8]) -> io::Result<(usize, Optio
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn read_stamped(_stream: &TcpStream, _into: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
+fn read_stamped(
+    _stream: &std::net::TcpStream,
+    _into: &mut [u8],
+) -> io::Result<(usize, Option<u64>)> {
     Err(io::Error::from(io::ErrorKind::Unsupported))
 }
 
@@ -297,8 +383,8 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let mut server = StampedStream::new(server);
-        assert!(server.stamping, "SO_TIMESTAMPNS refused");
+        let mut server = StampedStream::new(server).unwrap();
+        assert!(server.stamping(), "SO_TIMESTAMPNS refused");
         assert!(server.received().is_none());
         // The kernel turns receive times on for the whole stack in the background.
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -331,7 +417,7 @@ mod tests {
         client.write_all(b"POST /grants HTTP/1.1\r\n").await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let (server, _) = listener.inner.accept().await.unwrap();
-        let mut server = StampedStream::new(server);
+        let mut server = StampedStream::new(server).unwrap();
         let mut buf = [0u8; 64];
         let n = server.read(&mut buf).await.unwrap();
         assert_eq!(&buf[..n], b"POST /grants HTTP/1.1\r\n");
@@ -339,5 +425,48 @@ mod tests {
             server.received().expect("a receive time for bytes queued before the accept");
         let after_send = received.duration_since(sent).unwrap_or_default();
         assert!(after_send < Duration::from_millis(50), "received {after_send:?} after the send");
+    }
+
+    #[tokio::test]
+    async fn after_a_read_that_emptied_the_socket_the_next_read_waits_for_new_bytes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut server = StampedStream::new(server).unwrap();
+        assert!(server.stamping(), "SO_TIMESTAMPNS refused");
+
+        client.write_all(b"first").await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = server.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"first");
+        // The socket is empty: the read must wait, not spin and not end.
+        let waited = tokio::time::timeout(Duration::from_millis(100), server.read(&mut buf)).await;
+        assert!(waited.is_err(), "a read of an empty socket returned {waited:?}");
+        // Bytes sent while nobody reads still wake the next read.
+        client.write_all(b"second").await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), server.read(&mut buf))
+            .await
+            .expect("the read was not woken by new bytes")
+            .unwrap();
+        assert_eq!(&buf[..n], b"second");
+
+        // More than one read window: every byte arrives, in order.
+        let big: Vec<u8> = (0..3 * READ_WINDOW + 17).map(|i| (i % 251) as u8).collect();
+        client.write_all(&big).await.unwrap();
+        let mut got = vec![0u8; big.len()];
+        tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut got))
+            .await
+            .expect("a large request was not read in full")
+            .unwrap();
+        assert_eq!(got, big);
+
+        // Writes and the end of the stream go through the registered socket.
+        server.write_all(b"answer").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b"answer");
+        drop(client);
+        assert_eq!(server.read(&mut buf).await.unwrap(), 0, "the client's close is the end");
     }
 }
