@@ -378,13 +378,19 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+    /// A client connected to a server side that stamps its reads.
+    async fn connected_pair() -> io::Result<(TcpStream, StampedStream)> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let client = TcpStream::connect(listener.local_addr()?).await?;
+        let (server, _) = listener.accept().await?;
+        let server = StampedStream::new(server)?;
+        assert!(server.stamping(), "SO_TIMESTAMPNS refused");
+        Ok((client, server))
+    }
+
     #[tokio::test]
     async fn a_read_notes_when_the_kernel_received_the_bytes_not_when_they_were_read() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let mut server = StampedStream::new(server).unwrap();
-        assert!(server.stamping(), "SO_TIMESTAMPNS refused");
+        let (mut client, mut server) = connected_pair().await.unwrap();
         assert!(server.received().is_none());
         // The kernel turns receive times on for the whole stack in the background.
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -429,11 +435,7 @@ mod tests {
 
     #[tokio::test]
     async fn after_a_read_that_emptied_the_socket_the_next_read_waits_for_new_bytes() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let mut server = StampedStream::new(server).unwrap();
-        assert!(server.stamping(), "SO_TIMESTAMPNS refused");
+        let (mut client, mut server) = connected_pair().await.unwrap();
 
         client.write_all(b"first").await.unwrap();
         let mut buf = [0u8; 64];
