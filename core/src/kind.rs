@@ -2,8 +2,8 @@
 //!
 //! The engine is generic over kinds: it claims rows and writes outcomes with SQL common to every
 //! target table, and asks the kind (through [`KindRegistry`]) only for the columns to read with
-//! the claim and to build requests from them. A new kind is a crate implementing [`PayoutKind`] plus one `register` line in the
-//! daemon.
+//! the claim and to build requests from them. A new kind is a crate implementing [`PayoutKind`]
+//! plus one `register` line in the daemon.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -205,6 +205,13 @@ pub trait ErasedKind: Send + Sync {
 
 struct Erased<K>(std::marker::PhantomData<K>);
 
+impl<K: PayoutKind> Erased<K> {
+    /// One row's request, validated.
+    fn prepared(campaign: CampaignId, row: &K::Row, ctx: &ValidationContext) -> Prepared {
+        Prepared { target: K::target_id(row), request: K::to_request(campaign, row, ctx) }
+    }
+}
+
 #[async_trait]
 impl<K: PayoutKind> ErasedKind for Erased<K> {
     fn kind(&self) -> &'static str {
@@ -223,13 +230,7 @@ impl<K: PayoutKind> ErasedKind for Erased<K> {
         ctx: &ValidationContext,
     ) -> Result<Vec<Prepared>, diesel::result::Error> {
         let rows: Vec<K::Row> = crate::repo::load_rows(conn, K::TABLE, K::COLUMNS, ids).await?;
-        Ok(rows
-            .iter()
-            .map(|row| Prepared {
-                target: K::target_id(row),
-                request: K::to_request(campaign, row, ctx),
-            })
-            .collect())
+        Ok(rows.iter().map(|row| Erased::<K>::prepared(campaign, row, ctx)).collect())
     }
 
     async fn claim_prepared(
@@ -244,10 +245,7 @@ impl<K: PayoutKind> ErasedKind for Erased<K> {
         Ok(rows
             .into_iter()
             .map(|(claimed, row)| {
-                let prepared = Prepared {
-                    target: claimed.target,
-                    request: K::to_request(spec.campaign, &row, ctx),
-                };
+                let prepared = Erased::<K>::prepared(spec.campaign, &row, ctx);
                 (claimed, prepared)
             })
             .collect())
