@@ -900,8 +900,10 @@ impl Engine {
     ///    partitions beyond it are given up and free or expired ones taken up to it (a taken
     ///    partition's rows left IN_FLIGHT go back to PENDING first);
     /// 4. the rate limiter gets this instance's share of the global limit, which follows the
-    ///    partitions it serves, lowered before a partition is given up and raised after one is
-    ///    taken, so the instances' shares never add up to more than the limit;
+    ///    partitions it serves, lowered before a partition is given up and raised one window
+    ///    (1 s + slack) after a taken one was last sent in elsewhere, so the instances' shares
+    ///    never add up to more than the limit, not even in a window that still counts the
+    ///    previous holder's last requests;
     /// 5. the heartbeat says which campaign this instance serves at what rate.
     async fn lease_step(&self, held: &mut Held) -> Result<(), DbError> {
         let id = held.campaign;
@@ -1010,7 +1012,8 @@ impl Engine {
                     let recovered =
                         repo::recover_in_flight(&mut c, held.kind.table(), id, &slice).await?;
                     info!(campaign.id = %id, partition = n, recovered, "partition still leased to this process from its previous run: serving it again");
-                    self.start_partition(held, slice);
+                    // Its earlier sends were this process's own: the send log counts them.
+                    self.start_partition(held, slice, Instant::now());
                 }
             }
             self.apply_share(held);
@@ -1037,7 +1040,7 @@ impl Engine {
             // raised once: started one by one, each acquisition waited behind the claims of the
             // partitions already started, and a campaign of 8 partitions ran for a second at
             // 1/8, 2/8, … of its rate.
-            let mut taken: Vec<PartitionSlice> = Vec::new();
+            let mut taken: Vec<(PartitionSlice, Instant)> = Vec::new();
             for n in plan.candidates {
                 if serving_now >= usize::from(plan.target) || held.gate.is_closed() {
                     break;
@@ -1048,14 +1051,19 @@ impl Engine {
                 let Some(slice) = held.plan.iter().find(|s| s.partition_no == n).copied() else {
                     continue;
                 };
-                let Some(previous) =
+                let Some(acquired) =
                     lease::try_acquire(&mut c, id, &self.run_id, &slice, lease_time).await?
                 else {
                     continue;
                 };
                 let recovered =
                     repo::recover_in_flight(&mut c, held.kind.table(), id, &slice).await?;
-                match previous {
+                let counts_from = self.counts_from(acquired.quiet_for);
+                let share_in_ms = counts_from.saturating_duration_since(Instant::now()).as_millis();
+                if share_in_ms > 0 {
+                    info!(campaign.id = %id, partition = n, share_in_ms, "partition last sent in elsewhere within a window: it counts in this instance's rate share once that window has passed");
+                }
+                match acquired.previous_owner {
                     Some(prev) => {
                         warn!(campaign.id = %id, partition = n, previous_owner = %prev, recovered, "took over a partition whose lease ran out; its rows left IN_FLIGHT are resent with their idempotency keys")
                     }
@@ -1064,11 +1072,11 @@ impl Engine {
                     }
                     None => info!(campaign.id = %id, partition = n, "partition taken"),
                 }
-                taken.push(slice);
+                taken.push((slice, counts_from));
                 serving_now += 1;
             }
-            for slice in taken {
-                self.start_partition(held, slice);
+            for (slice, counts_from) in taken {
+                self.start_partition(held, slice, counts_from);
             }
             self.apply_share(held);
         }
@@ -1076,10 +1084,25 @@ impl Engine {
         Ok(())
     }
 
-    /// This instance's share of the global limit: `limit × serving / partitions`, at least 1.
+    /// When a partition taken now may count in this instance's share: one window of the rate
+    /// limiter (1 s + slack) after anybody last sent in it. The previous holder's last requests
+    /// still count at Money until then, and this instance's send log does not know them; a share
+    /// raised at once, with three instances sharing 2,000/s and one of them stopped, put 2,006
+    /// requests into one second at Money (the two others took its partitions, raised their
+    /// shares and started their bursts while its last second was still counting).
+    fn counts_from(&self, quiet_for: Option<Duration>) -> Instant {
+        let window = self.limiter.pacing().window;
+        Instant::now() + quiet_for.map_or(Duration::ZERO, |q| window.saturating_sub(q))
+    }
+
+    /// This instance's share of the global limit: `limit × counted / partitions`, at least 1,
+    /// where `counted` is the partitions served here whose previous holder's requests have left
+    /// Money's window (see [`Engine::counts_from`]). Lowered at once when a partition is given
+    /// up; raised one window after a taken partition was last sent in.
     fn apply_share(&self, held: &Held) {
         let partitions = held.plan.len().max(1) as u64;
-        let share = u64::from(self.global_limit.get()) * held.serving() as u64 / partitions;
+        let counted = held.counted(Instant::now()) as u64;
+        let share = u64::from(self.global_limit.get()) * counted / partitions;
         let share = std::num::NonZeroU32::new(u32::try_from(share.max(1)).unwrap_or(u32::MAX))
             .unwrap_or(std::num::NonZeroU32::MIN);
         if self.limiter.limit_per_sec() != share {
@@ -1130,8 +1153,9 @@ impl Engine {
         }
     }
 
-    /// Starts serving a partition whose lease this instance just took.
-    fn start_partition(&self, held: &mut Held, slice: PartitionSlice) {
+    /// Starts serving a partition whose lease this instance just took; it counts in the rate
+    /// share from `counts_from`.
+    fn start_partition(&self, held: &mut Held, slice: PartitionSlice, counts_from: Instant) {
         let Some(jobs) = held.jobs.clone() else { return };
         let stop = held.gate.token.child_token();
         let idle = Arc::new(AtomicBool::new(false));
@@ -1174,6 +1198,7 @@ impl Engine {
             n,
             PartRun {
                 state: PartState::Serving,
+                counts_from,
                 stop,
                 idle,
                 outstanding,
@@ -1240,6 +1265,8 @@ enum PartState {
 
 struct PartRun {
     state: PartState,
+    /// From when the partition counts in this instance's share of the limit.
+    counts_from: Instant,
     /// Stops the worker claiming and the dispatcher sending this partition's requests.
     stop: CancellationToken,
     idle: Arc<AtomicBool>,
@@ -1284,12 +1311,24 @@ impl Held {
     /// Partitions are changing hands (given up, lost, or a re-plan under way): lease steps then
     /// come every [`TRANSITION_STEP`] instead of every `lease_check`, so a hand-over or a re-plan
     /// stops sending for a fraction of a second instead of two lease checks.
+    /// A partition taken here waiting to count in the share is a transition too: the share is
+    /// raised within a step of its time.
     fn in_transition(&self) -> bool {
-        self.replanning || self.parts.values().any(|p| p.state != PartState::Serving)
+        let now = Instant::now();
+        self.replanning
+            || self.parts.values().any(|p| p.state != PartState::Serving || p.counts_from > now)
     }
 
     fn serving(&self) -> usize {
         self.parts.values().filter(|p| p.state == PartState::Serving).count()
+    }
+
+    /// Partitions served here that count in the share at `now`.
+    fn counted(&self, now: Instant) -> usize {
+        self.parts
+            .values()
+            .filter(|p| p.state == PartState::Serving && p.counts_from <= now)
+            .count()
     }
 
     /// Every partition served here found nothing to claim last time, and nothing is in flight.

@@ -85,8 +85,11 @@ pub async fn deregister(conn: &mut AsyncMysqlConnection, run_id: &str) -> QResul
             .execute(c)
             .await?;
         diesel::sql_query(
-            "UPDATE campaign_partitions SET owner = NULL, lease_expires_at = NULL, \
-             leased_at = NULL WHERE owner = ?",
+            // released_at first: MariaDB assigns left to right, and later assignments see the
+            // earlier ones' values.
+            "UPDATE campaign_partitions \
+             SET released_at = LEAST(NOW(3), COALESCE(lease_expires_at, NOW(3))), \
+             owner = NULL, lease_expires_at = NULL, leased_at = NULL WHERE owner = ?",
         )
         .bind::<Text, _>(run_id)
         .execute(c)
@@ -157,6 +160,9 @@ pub struct LeaseView {
     pub leased_at: Option<NaiveDateTime>,
     /// For how long the current owner has held it.
     pub held_for_ms: Option<i64>,
+    /// For how long nobody has sent in it: since it was given back, or since the lease of the
+    /// holder that let it run out ended (negative: a lease still running). `None`: never held.
+    pub quiet_for_ms: Option<i64>,
 }
 
 impl LeaseView {
@@ -184,6 +190,8 @@ struct LeaseRow {
     leased_at: Option<NaiveDateTime>,
     #[diesel(sql_type = Nullable<BigInt>)]
     held_for_ms: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    quiet_for_ms: Option<i64>,
 }
 
 /// Columns of [`LeaseRow`]; the durations are computed by the database so that no local clock
@@ -191,7 +199,9 @@ struct LeaseRow {
 const LEASE_COLUMNS: &str = "partition_no, partition_count, bucket_lo, bucket_hi, owner, \
      CAST(TIMESTAMPDIFF(MICROSECOND, NOW(3), lease_expires_at) DIV 1000 AS SIGNED) \
      AS expires_in_ms, leased_at, \
-     CAST(TIMESTAMPDIFF(MICROSECOND, leased_at, NOW(3)) DIV 1000 AS SIGNED) AS held_for_ms";
+     CAST(TIMESTAMPDIFF(MICROSECOND, leased_at, NOW(3)) DIV 1000 AS SIGNED) AS held_for_ms, \
+     CAST(TIMESTAMPDIFF(MICROSECOND, COALESCE(released_at, lease_expires_at), NOW(3)) DIV 1000 \
+     AS SIGNED) AS quiet_for_ms";
 
 fn small(v: i16) -> u16 {
     u16::try_from(v).unwrap_or(0)
@@ -211,6 +221,7 @@ impl From<LeaseRow> for LeaseView {
             expires_in_ms: r.expires_in_ms,
             leased_at: r.leased_at,
             held_for_ms: r.held_for_ms,
+            quiet_for_ms: r.quiet_for_ms,
         }
     }
 }
@@ -285,10 +296,19 @@ pub async fn renew(
     .await
 }
 
+/// A partition [`try_acquire`] took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Taken {
+    /// `None`: it was free; `Some(x)`: taken over from `x`, whose lease ran out (for the caller
+    /// to log).
+    pub previous_owner: Option<String>,
+    /// For how long nobody had sent in it, by the database clock: since it was given back, or
+    /// since the lease that ran out ended. `None`: nobody had held it.
+    pub quiet_for: Option<Duration>,
+}
+
 /// Takes `slice`'s partition for `run_id` if it is free or its lease has run out: a
-/// compare-and-set on the locked row. Returns `None` if not acquired, `Some(previous owner)` if
-/// acquired (`Some(None)`: it was free; `Some(Some(x))`: taken over from `x`, whose lease ran
-/// out, for the caller to log).
+/// compare-and-set on the locked row. Returns `None` if not acquired.
 ///
 /// The row must still describe `slice` (same partition count and bucket range): a caller whose
 /// view predates a re-plan gets `None` instead of a partition whose rows differ from the ones it
@@ -299,7 +319,7 @@ pub async fn try_acquire(
     run_id: &str,
     slice: &PartitionSlice,
     lease_time: Duration,
-) -> QResult<Option<Option<String>>> {
+) -> QResult<Option<Taken>> {
     conn.transaction(async |c| {
         let mut rows: Vec<LeaseRow> = diesel::sql_query(format!(
             "SELECT {LEASE_COLUMNS} FROM campaign_partitions \
@@ -323,8 +343,8 @@ pub async fn try_acquire(
         }
         let n = diesel::sql_query(
             "UPDATE campaign_partitions SET owner = ?, \
-             lease_expires_at = NOW(3) + INTERVAL ? MICROSECOND, leased_at = NOW(3) \
-             WHERE campaign_id = ? AND partition_no = ? \
+             lease_expires_at = NOW(3) + INTERVAL ? MICROSECOND, leased_at = NOW(3), \
+             released_at = NULL WHERE campaign_id = ? AND partition_no = ? \
              AND (owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at <= NOW(3))",
         )
         .bind::<Text, _>(run_id)
@@ -333,7 +353,8 @@ pub async fn try_acquire(
         .bind::<SmallInt, _>(slice.partition_no as i16)
         .execute(c)
         .await?;
-        Ok((n == 1).then_some(current.owner))
+        let quiet_for = current.quiet_for_ms.map(|ms| Duration::from_millis(ms.max(0) as u64));
+        Ok((n == 1).then_some(Taken { previous_owner: current.owner, quiet_for }))
     })
     .await
 }
@@ -346,8 +367,8 @@ pub async fn release(
     partition_no: u16,
 ) -> QResult<bool> {
     let n = diesel::sql_query(
-        "UPDATE campaign_partitions SET owner = NULL, lease_expires_at = NULL, leased_at = NULL \
-         WHERE campaign_id = ? AND partition_no = ? AND owner = ?",
+        "UPDATE campaign_partitions SET owner = NULL, lease_expires_at = NULL, leased_at = NULL, \
+         released_at = NOW(3) WHERE campaign_id = ? AND partition_no = ? AND owner = ?",
     )
     .bind::<BigInt, _>(campaign.0)
     .bind::<SmallInt, _>(partition_no as i16)
@@ -647,6 +668,7 @@ mod tests {
                 expires_in_ms: o.map(|(_, live)| if live { 5_000 } else { -1 }),
                 leased_at: None,
                 held_for_ms: None,
+                quiet_for_ms: None,
             })
             .collect()
     }

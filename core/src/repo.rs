@@ -19,7 +19,7 @@ use chrono::NaiveDateTime;
 use diesel::QueryableByName;
 use diesel::mysql::Mysql;
 use diesel::row::NamedRow;
-use diesel::sql_types::{BigInt, Integer, Nullable, SmallInt, Text};
+use diesel::sql_types::{BigInt, Datetime, Integer, Nullable, SmallInt, Text};
 use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl};
 
 use crate::domain::{CampaignId, CampaignStatus, OperatorCommand, TargetId, TargetStatus};
@@ -516,12 +516,28 @@ pub async fn ensure_plan_counted(
 }
 
 /// Replaces the campaign's partition rows with `plan` (no lease held), inside the caller's
-/// transaction: the first plan, or a re-plan.
+/// transaction: the first plan, or a re-plan. The new rows remember when the old ones were last
+/// sent in (`released_at`), so that whoever takes them first waits out the window the old
+/// holders' last requests still count in.
 pub async fn store_partitions(
     conn: &mut AsyncMysqlConnection,
     id: CampaignId,
     plan: &[PartitionSlice],
 ) -> QResult<()> {
+    #[derive(QueryableByName)]
+    struct Quiet {
+        #[diesel(sql_type = Nullable<Datetime>)]
+        since: Option<NaiveDateTime>,
+    }
+    // An aggregate: always one row, NULL when there is no old row (the first plan).
+    let quiet: Quiet = diesel::sql_query(
+        "SELECT LEAST(NOW(3), MAX(COALESCE(released_at, lease_expires_at))) AS since \
+         FROM campaign_partitions WHERE campaign_id = ?",
+    )
+    .bind::<BigInt, _>(id.0)
+    .get_result(conn)
+    .await?;
+    let since = quiet.since;
     diesel::sql_query("DELETE FROM campaign_partitions WHERE campaign_id = ?")
         .bind::<BigInt, _>(id.0)
         .execute(conn)
@@ -529,14 +545,15 @@ pub async fn store_partitions(
     for s in plan {
         diesel::sql_query(
             "INSERT INTO campaign_partitions \
-             (campaign_id, partition_no, partition_count, bucket_lo, bucket_hi) \
-             VALUES (?, ?, ?, ?, ?)",
+             (campaign_id, partition_no, partition_count, bucket_lo, bucket_hi, released_at) \
+             VALUES (?, ?, ?, ?, ?, ?)",
         )
         .bind::<BigInt, _>(id.0)
         .bind::<SmallInt, _>(s.partition_no as i16)
         .bind::<SmallInt, _>(s.partition_count as i16)
         .bind::<SmallInt, _>(s.bucket_lo as i16)
         .bind::<SmallInt, _>(s.bucket_hi as i16)
+        .bind::<Nullable<Datetime>, _>(since)
         .execute(conn)
         .await?;
     }

@@ -43,6 +43,11 @@ async fn campaign_with_plan(
 }
 
 /// Lets a lease run out now, by the database clock.
+/// The previous owner of a partition just taken.
+fn owner(taken: lease::Taken) -> Option<String> {
+    taken.previous_owner
+}
+
 async fn expire(db: &TestDb, partition_no: u16) -> anyhow::Result<()> {
     db.exec(&format!(
         "UPDATE campaign_partitions SET lease_expires_at = NOW(3) - INTERVAL 1 SECOND \
@@ -138,7 +143,7 @@ async fn two_instances_competing_for_a_partition_exactly_one_acquires() -> anyho
             lease::try_acquire(&mut a, C, "node-a#1", slice, LONG_LEASE),
             lease::try_acquire(&mut b, C, "node-b#1", slice, LONG_LEASE),
         );
-        let (ra, rb) = (ra?, rb?);
+        let (ra, rb) = (ra?.map(owner), rb?.map(owner));
         let winner = match (&ra, &rb) {
             (Some(None), None) => "node-a#1",
             (None, Some(None)) => "node-b#1",
@@ -169,14 +174,17 @@ async fn an_expired_lease_is_taken_over_and_the_previous_owner_reported() -> any
     let pool = pool(&db)?;
     let plan = campaign_with_plan(&db, &pool, 4).await?;
     let mut c = conn(&pool).await?;
-    assert_eq!(lease::try_acquire(&mut c, C, "node-a#1", &plan[0], LONG_LEASE).await?, Some(None));
+    assert_eq!(
+        lease::try_acquire(&mut c, C, "node-a#1", &plan[0], LONG_LEASE).await?.map(owner),
+        Some(None)
+    );
     assert_eq!(lease::try_acquire(&mut c, C, "node-b#1", &plan[0], LONG_LEASE).await?, None);
 
     expire(&db, 0).await?;
     let view = lease::leases(&mut c, C).await?.remove(0);
     assert!(view.is_takeable() && view.expires_in_ms.is_some_and(|ms| ms <= 0), "{view:?}");
     assert_eq!(
-        lease::try_acquire(&mut c, C, "node-b#1", &plan[0], LONG_LEASE).await?,
+        lease::try_acquire(&mut c, C, "node-b#1", &plan[0], LONG_LEASE).await?.map(owner),
         Some(Some("node-a#1".to_owned()))
     );
     let view = lease::leases(&mut c, C).await?.remove(0);
@@ -186,13 +194,80 @@ async fn an_expired_lease_is_taken_over_and_the_previous_owner_reported() -> any
 
     // A short lease runs out by the database clock alone.
     let short = Duration::from_millis(300);
-    assert_eq!(lease::try_acquire(&mut c, C, "node-a#1", &plan[1], short).await?, Some(None));
+    assert_eq!(
+        lease::try_acquire(&mut c, C, "node-a#1", &plan[1], short).await?.map(owner),
+        Some(None)
+    );
     let previous = eventually(Duration::from_secs(10), "node-a's lease to run out", || async {
         let mut c = conn(&pool).await?;
         Ok(lease::try_acquire(&mut c, C, "node-b#1", &plan[1], LONG_LEASE).await?)
     })
     .await?;
-    assert_eq!(previous.as_deref(), Some("node-a#1"));
+    assert_eq!(previous.previous_owner.as_deref(), Some("node-a#1"));
+    // Nobody has sent in it since node-a's lease ended: at most the polling interval ago.
+    let quiet = previous.quiet_for.context("an expired lease has a quiet time")?;
+    assert!(quiet < Duration::from_secs(5), "{previous:?}");
+    drop(c);
+    pool.close();
+    db.drop_db().await
+}
+
+/// What `try_acquire` says about when a partition was last sent in, which the engine waits a
+/// rate window past before counting the partition in its share of the limit: nothing for a
+/// partition nobody held, the end of the lease for one taken over, the hand-back for one given
+/// back (also by a deregistered process), and the old plan's last moment for a re-plan's rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_taken_partition_says_how_long_nobody_has_sent_in_it() -> anyhow::Result<()> {
+    let _timing = shared().await;
+    let db = TestDb::new().await?;
+    let pool = pool(&db)?;
+    let plan = campaign_with_plan(&db, &pool, 4).await?;
+    let mut c = conn(&pool).await?;
+    let quiet = |t: Option<lease::Taken>| t.map(|t| t.quiet_for);
+
+    // Never held.
+    assert_eq!(
+        quiet(lease::try_acquire(&mut c, C, "node-a#1", &plan[0], LONG_LEASE).await?),
+        Some(None)
+    );
+    assert!(lease::leases(&mut c, C).await?[1].quiet_for_ms.is_none());
+
+    // Taken over a second after its lease ended (`expire` sets the end 1 s back).
+    expire(&db, 0).await?;
+    let q = quiet(lease::try_acquire(&mut c, C, "node-b#1", &plan[0], LONG_LEASE).await?)
+        .flatten()
+        .context("a lease that ran out has a quiet time")?;
+    assert!((Duration::from_millis(990)..Duration::from_secs(5)).contains(&q), "{q:?}");
+
+    // Given back a moment ago: quiet for less than a window, however long the lease had left.
+    assert!(lease::release(&mut c, C, "node-b#1", 0).await?);
+    let view = lease::leases(&mut c, C).await?.remove(0);
+    assert!(view.quiet_for_ms.is_some_and(|ms| (0..1_000).contains(&ms)), "{view:?}");
+    let q = quiet(lease::try_acquire(&mut c, C, "node-a#1", &plan[0], LONG_LEASE).await?)
+        .flatten()
+        .context("a partition given back has a quiet time")?;
+    assert!(q < Duration::from_secs(1), "{q:?}");
+    // Held again: the hand-back is forgotten until the next one.
+    assert!(lease::leases(&mut c, C).await?[0].quiet_for_ms.is_some_and(|ms| ms < 0));
+
+    // A deregistered process's partitions: quiet since it went, or since its lease ended if
+    // that was earlier.
+    assert!(lease::try_acquire(&mut c, C, "node-a#1", &plan[1], LONG_LEASE).await?.is_some());
+    expire(&db, 1).await?;
+    lease::deregister(&mut c, "node-a#1").await?;
+    let views = lease::leases(&mut c, C).await?;
+    assert!(views[0].quiet_for_ms.is_some_and(|ms| (0..1_000).contains(&ms)), "{:?}", views[0]);
+    assert!(views[1].quiet_for_ms.is_some_and(|ms| ms >= 990), "{:?}", views[1]);
+
+    // A re-plan's rows carry the old plan's last moment: here the hand-back of partition 0.
+    assert!(lease::request_replan(&mut c, C, 8, "test").await?);
+    assert!(lease::apply_replan(&mut c, C, "test").await?.is_some());
+    let views = lease::leases(&mut c, C).await?;
+    assert_eq!(views.len(), 8);
+    assert!(
+        views.iter().all(|v| v.quiet_for_ms.is_some_and(|ms| (0..2_000).contains(&ms))),
+        "{views:?}"
+    );
     drop(c);
     pool.close();
     db.drop_db().await
@@ -242,7 +317,10 @@ async fn release_and_deregister_free_leases_at_once() -> anyhow::Result<()> {
     assert!(!lease::release(&mut c, C, "node-b#1", 0).await?, "not node-b's to release");
     assert!(lease::release(&mut c, C, "node-a#1", 0).await?);
     assert!(!lease::release(&mut c, C, "node-a#1", 0).await?, "released twice");
-    assert_eq!(lease::try_acquire(&mut c, C, "node-b#1", &plan[0], LONG_LEASE).await?, Some(None));
+    assert_eq!(
+        lease::try_acquire(&mut c, C, "node-b#1", &plan[0], LONG_LEASE).await?.map(owner),
+        Some(None)
+    );
 
     lease::deregister(&mut c, "node-a#1").await?;
     assert_eq!(lease::participants(&mut c, C).await?, ["node-b#1"]);
@@ -253,7 +331,10 @@ async fn release_and_deregister_free_leases_at_once() -> anyhow::Result<()> {
     );
     assert!(views[1].expires_in_ms.is_none() && views[1].leased_at.is_none(), "{:?}", views[1]);
     // Free, not taken over: nobody has to wait for node-a's lease.
-    assert_eq!(lease::try_acquire(&mut c, C, "node-b#1", &plan[1], LONG_LEASE).await?, Some(None));
+    assert_eq!(
+        lease::try_acquire(&mut c, C, "node-b#1", &plan[1], LONG_LEASE).await?.map(owner),
+        Some(None)
+    );
     drop(c);
     pool.close();
     db.drop_db().await
@@ -444,7 +525,10 @@ async fn a_replan_waits_for_every_lease_to_end_then_swaps_the_bucket_ranges() ->
 
     // A view from before the re-plan acquires nothing; the new plan's partitions are free.
     assert_eq!(lease::try_acquire(&mut c, C, "node-a#1", &old[1], LONG_LEASE).await?, None);
-    assert_eq!(lease::try_acquire(&mut c, C, "node-a#1", &new[1], LONG_LEASE).await?, Some(None));
+    assert_eq!(
+        lease::try_acquire(&mut c, C, "node-a#1", &new[1], LONG_LEASE).await?.map(owner),
+        Some(None)
+    );
 
     // An expired lease does not hold the barrier, and its owner loses it in the swap.
     assert!(lease::request_replan(&mut c, C, 4, "test").await?);
