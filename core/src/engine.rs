@@ -687,6 +687,8 @@ impl Engine {
                     + self.stats.dead.load(Ordering::Relaxed),
             ),
             replanning: false,
+            others: 0,
+            capped: false,
             settled: Arc::new(Notify::new()),
         };
         let settled = held.settled.clone();
@@ -703,7 +705,7 @@ impl Engine {
                 _ = lease_tick.tick() => {
                     if let Err(e) = self.lease_step(&mut held).await {
                         warn!(campaign.id = %id, error = %e, "cannot renew or balance partition leases; retrying");
-                    } else if held.in_transition() {
+                    } else if held.in_transition() || self.share_settling() {
                         lease_tick.reset_after(TRANSITION_STEP.min(self.settings.lease_check));
                     }
                     if held.serving() == 0 {
@@ -914,16 +916,21 @@ impl Engine {
         let (then, done_then) = std::mem::replace(&mut held.last_done, (Instant::now(), done));
         let secs = then.elapsed().as_secs_f64();
         let rows_per_sec = (secs > 0.0).then(|| done.saturating_sub(done_then) as f64 / secs);
+        let share = if held.serving() > 0 { self.limiter.limit_per_sec().get() } else { 0 };
         lease::heartbeat(
             &mut c,
-            &self.run_id,
-            &self.settings.instance_id,
-            Some(id),
-            lease_time,
-            f64::from(self.limiter.limit_per_sec().get()),
-            rows_per_sec,
+            &lease::Heartbeat {
+                run_id: &self.run_id,
+                instance_id: &self.settings.instance_id,
+                campaign: Some(id),
+                lease_time,
+                rate_limit_per_sec: f64::from(share),
+                current_rows_per_sec: rows_per_sec,
+                recent_sends: self.limiter.recent_sends(),
+            },
         )
         .await?;
+        held.others = lease::others_rate(&mut c, &self.run_id).await?.ceil() as u64;
 
         // 1. Given up and drained: release.
         let drained: Vec<u16> = held
@@ -1084,6 +1091,14 @@ impl Engine {
         Ok(())
     }
 
+    /// The last window holds more sends than the share now allows (it was just lowered): the
+    /// heartbeat then comes every [`TRANSITION_STEP`], so instances held down by those sends
+    /// (see [`Engine::apply_share`]) see them age out within a step.
+    fn share_settling(&self) -> bool {
+        let (recent, _) = self.limiter.recent_sends();
+        recent > self.limiter.capacity().get() as usize
+    }
+
     /// When a partition taken now may count in this instance's share: one window of the rate
     /// limiter (1 s + slack) after anybody last sent in it. The previous holder's last requests
     /// still count at Money until then, and this instance's send log does not know them; a share
@@ -1097,16 +1112,33 @@ impl Engine {
 
     /// This instance's share of the global limit: `limit × counted / partitions`, at least 1,
     /// where `counted` is the partitions served here whose previous holder's requests have left
-    /// Money's window (see [`Engine::counts_from`]). Lowered at once when a partition is given
-    /// up; raised one window after a taken partition was last sent in.
-    fn apply_share(&self, held: &Held) {
+    /// Money's window (see [`Engine::counts_from`]), and at most the limit less what the other
+    /// instances may still have in Money's window (`held.others`). Lowered at once when a
+    /// partition is given up; raised one window after a taken partition was last sent in.
+    ///
+    /// Leases keep the shares of one campaign within the limit; the cap covers what they cannot
+    /// see. Instances move to the next campaign, or notice a pause, each on its own tick: one
+    /// that got there first took every partition of the next campaign at the whole limit while
+    /// another still sent, or had sent within the last second, at its share in the campaign
+    /// before (`scaleout::a_campaign_switch_never_doubles_the_rate`).
+    fn apply_share(&self, held: &mut Held) {
+        let limit = u64::from(self.global_limit.get());
         let partitions = held.plan.len().max(1) as u64;
         let counted = held.counted(Instant::now()) as u64;
-        let share = u64::from(self.global_limit.get()) * counted / partitions;
+        let worth = limit * counted / partitions;
+        let cap = limit.saturating_sub(held.others);
+        let capped = cap < worth;
+        let share = worth.min(cap);
         let share = std::num::NonZeroU32::new(u32::try_from(share.max(1)).unwrap_or(u32::MAX))
             .unwrap_or(std::num::NonZeroU32::MIN);
+        if capped != held.capped {
+            held.capped = capped;
+            if capped {
+                info!(campaign.id = %held.campaign, limit_per_sec = share.get(), worth, others = held.others, "rate share held down: other instances' requests of the last window still count at Money");
+            }
+        }
         if self.limiter.limit_per_sec() != share {
-            info!(campaign.id = %held.campaign, limit_per_sec = share.get(), partitions = held.serving(), of = partitions, "rate share");
+            info!(campaign.id = %held.campaign, limit_per_sec = share.get(), partitions = held.serving(), of = partitions, others = held.others, "rate share");
             self.limiter.set_limit(share);
         }
     }
@@ -1223,14 +1255,18 @@ impl Engine {
             }
         }
         held.parts.clear();
+        // Idle now, but this process's last requests still count at Money for a window.
         let _ = lease::heartbeat(
             &mut c,
-            &self.run_id,
-            &self.settings.instance_id,
-            None,
-            self.settings.lease_time,
-            0.0,
-            None,
+            &lease::Heartbeat {
+                run_id: &self.run_id,
+                instance_id: &self.settings.instance_id,
+                campaign: None,
+                lease_time: self.settings.lease_time,
+                rate_limit_per_sec: 0.0,
+                current_rows_per_sec: None,
+                recent_sends: self.limiter.recent_sends(),
+            },
         )
         .await;
     }
@@ -1301,6 +1337,12 @@ struct Held {
     last_done: (Instant, u64),
     /// The last lease step saw a re-plan pending or just applied.
     replanning: bool,
+    /// What the other live instances may still have in Money's window, together, as of the last
+    /// lease step ([`lease::others_rate`]); this instance's share never goes above the global
+    /// limit less this.
+    others: u64,
+    /// The share is held below what the partitions served here are worth because of `others`.
+    capped: bool,
     /// Woken when a partition may have finished: its worker found nothing to claim, or its
     /// writer committed the last outstanding outcome. The completion check then runs at once
     /// instead of at the next `idle_poll` tick.
@@ -1312,10 +1354,12 @@ impl Held {
     /// come every [`TRANSITION_STEP`] instead of every `lease_check`, so a hand-over or a re-plan
     /// stops sending for a fraction of a second instead of two lease checks.
     /// A partition taken here waiting to count in the share is a transition too: the share is
-    /// raised within a step of its time.
+    /// raised within a step of its time; so is a share held down by what other instances may
+    /// still have in Money's window.
     fn in_transition(&self) -> bool {
         let now = Instant::now();
         self.replanning
+            || self.capped
             || self.parts.values().any(|p| p.state != PartState::Serving || p.counts_from > now)
     }
 

@@ -2,7 +2,9 @@
 //!
 //! Each process (a run id `<instance>#<nonce>`, new on every start) keeps a row in
 //! `daemon_instances` alive with [`heartbeat`]; the live rows of a campaign are its
-//! [`participants`]. Every participant computes the same [`fair_share`] of the campaign's
+//! [`participants`]. The heartbeat also says what the process may still have in Money's rate
+//! window (its share and its sends of the last window); [`others_rate`] sums that over the other
+//! live processes, whatever campaign they serve. Every participant computes the same [`fair_share`] of the campaign's
 //! partitions from the same sorted list, so the targets sum to the partition count and nobody
 //! flaps. A partition is held through a lease in `campaign_partitions` (`owner`,
 //! `lease_expires_at`): taken with the compare-and-set [`try_acquire`], kept with [`renew`],
@@ -44,36 +46,74 @@ fn lease_micros(lease_time: Duration) -> i64 {
 // ---------------------------------------------------------------------------------------------
 // Instances
 
+/// One heartbeat of this process: who it is, what it serves, and what it may send.
+#[derive(Debug, Clone)]
+pub struct Heartbeat<'a> {
+    pub run_id: &'a str,
+    pub instance_id: &'a str,
+    /// The campaign served now (`None`: idle).
+    pub campaign: Option<CampaignId>,
+    /// Alive until `NOW(3) + lease_time`.
+    pub lease_time: Duration,
+    /// Its current share of the Money rate limit (0 while it serves no partition).
+    pub rate_limit_per_sec: f64,
+    /// Rows it finished per second since the last heartbeat.
+    pub current_rows_per_sec: Option<f64>,
+    /// Requests it sent within its rate limiter's last window, and how long the newest of them
+    /// still counts there ([`crate::rate::RateLimiter::recent_sends`]).
+    pub recent_sends: (usize, Duration),
+}
+
 /// Announces (or refreshes) this process: alive until `NOW(3) + lease_time`, serving `campaign`,
-/// with its current share of the Money rate limit and its throughput. `started_at` is kept from
-/// the first heartbeat of the run id.
-pub async fn heartbeat(
-    conn: &mut AsyncMysqlConnection,
-    run_id: &str,
-    instance_id: &str,
-    campaign: Option<CampaignId>,
-    lease_time: Duration,
-    rate_limit_per_sec: f64,
-    current_rows_per_sec: Option<f64>,
-) -> QResult<()> {
+/// with its current share of the Money rate limit, what it sent in the last window and its
+/// throughput. `started_at` is kept from the first heartbeat of the run id.
+pub async fn heartbeat(conn: &mut AsyncMysqlConnection, beat: &Heartbeat<'_>) -> QResult<()> {
+    let (recent, recent_for) = beat.recent_sends;
     diesel::sql_query(
         "INSERT INTO daemon_instances (run_id, instance_id, campaign_id, started_at, \
-         heartbeat_at, expires_at, rate_limit_per_sec, current_rows_per_sec) \
-         VALUES (?, ?, ?, NOW(3), NOW(3), NOW(3) + INTERVAL ? MICROSECOND, ?, ?) \
+         heartbeat_at, expires_at, rate_limit_per_sec, current_rows_per_sec, recent_sends, \
+         recent_sends_until) \
+         VALUES (?, ?, ?, NOW(3), NOW(3), NOW(3) + INTERVAL ? MICROSECOND, ?, ?, ?, \
+         NOW(3) + INTERVAL ? MICROSECOND) \
          ON DUPLICATE KEY UPDATE instance_id = VALUES(instance_id), \
          campaign_id = VALUES(campaign_id), heartbeat_at = VALUES(heartbeat_at), \
          expires_at = VALUES(expires_at), rate_limit_per_sec = VALUES(rate_limit_per_sec), \
-         current_rows_per_sec = VALUES(current_rows_per_sec)",
+         current_rows_per_sec = VALUES(current_rows_per_sec), \
+         recent_sends = VALUES(recent_sends), recent_sends_until = VALUES(recent_sends_until)",
     )
-    .bind::<Text, _>(run_id)
-    .bind::<Text, _>(instance_id)
-    .bind::<Nullable<BigInt>, _>(campaign.map(|c| c.0))
-    .bind::<BigInt, _>(lease_micros(lease_time))
-    .bind::<Double, _>(rate_limit_per_sec)
-    .bind::<Nullable<Double>, _>(current_rows_per_sec)
+    .bind::<Text, _>(beat.run_id)
+    .bind::<Text, _>(beat.instance_id)
+    .bind::<Nullable<BigInt>, _>(beat.campaign.map(|c| c.0))
+    .bind::<BigInt, _>(lease_micros(beat.lease_time))
+    .bind::<Double, _>(beat.rate_limit_per_sec)
+    .bind::<Nullable<Double>, _>(beat.current_rows_per_sec)
+    .bind::<Double, _>(recent as f64)
+    // Rounded up: the newest send must not stop counting early.
+    .bind::<BigInt, _>(lease_micros(recent_for + Duration::from_millis(1)))
     .execute(conn)
     .await?;
     Ok(())
+}
+
+#[derive(QueryableByName)]
+struct RateRow {
+    #[diesel(sql_type = Double)]
+    rate: f64,
+}
+
+/// What the live instances other than `run_id` may still have in Money's window, together: for
+/// each, the larger of its current share and the requests of its last window that still count
+/// (as of its last heartbeat). The global limit less this is the most `run_id` may take.
+pub async fn others_rate(conn: &mut AsyncMysqlConnection, run_id: &str) -> QResult<f64> {
+    let row: RateRow = diesel::sql_query(
+        "SELECT COALESCE(SUM(GREATEST(rate_limit_per_sec, \
+         IF(recent_sends_until > NOW(3), recent_sends, 0))), 0) AS rate \
+         FROM daemon_instances WHERE run_id <> ? AND expires_at > NOW(3)",
+    )
+    .bind::<Text, _>(run_id)
+    .get_result(conn)
+    .await?;
+    Ok(row.rate)
 }
 
 /// A clean exit: forgets the process and frees every partition it holds at once, so the others

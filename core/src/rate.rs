@@ -207,6 +207,17 @@ impl SendWindow {
         }
     }
 
+    /// Sends within the window at `now`, and how long until the newest leaves it.
+    fn recent(&self, now: Instant) -> (usize, Duration) {
+        let mut log = self.lock();
+        log.age(now, self.length);
+        let until = log
+            .sends
+            .back()
+            .map_or(Duration::ZERO, |&t| (t + self.length).saturating_duration_since(now));
+        (log.sends.len(), until)
+    }
+
     /// Records a send now if it fits, or says how long to wait.
     fn try_admit(&self, now: Instant) -> Result<(), Duration> {
         let mut log = self.lock();
@@ -341,6 +352,14 @@ impl RateLimiter {
                 Err(wait) => tokio::time::sleep(wait).await,
             }
         }
+    }
+
+    /// What this process has sent within the last window (`1 s + slack`): the count, and how
+    /// long until the newest of those sends leaves the window (zero with none). Other instances
+    /// sharing the global limit read it from this process's heartbeat: after a lowered share,
+    /// a campaign's end or a move to another campaign, these sends still count at Money.
+    pub fn recent_sends(&self) -> (usize, Duration) {
+        self.current().window.recent(Instant::now())
     }
 
     /// Notes that the send admitted at `admitted` left at `departed`. A departure more than
@@ -535,6 +554,21 @@ mod tests {
         limiter.departed(second, second + Duration::from_millis(5));
         let log: Vec<_> = limiter.current().window.lock().sends.iter().copied().collect();
         assert_eq!(log, [first, second + Duration::from_millis(5)]);
+    }
+
+    #[test]
+    fn recent_sends_are_counted_until_the_newest_leaves_the_window() {
+        let w = window(100, 3);
+        let t0 = Instant::now();
+        assert_eq!(w.recent(t0), (0, Duration::ZERO));
+        for i in 0..5 {
+            w.try_admit(t0 + Duration::from_millis(100 * i)).unwrap();
+        }
+        // Sent at 0, 100, …, 400 ms; the places a cold start holds are not sends.
+        let ms = |n| t0 + Duration::from_millis(n);
+        assert_eq!(w.recent(ms(500)), (5, Duration::from_millis(900)));
+        assert_eq!(w.recent(ms(1200)), (2, Duration::from_millis(200)));
+        assert_eq!(w.recent(ms(1400)), (0, Duration::ZERO));
     }
 
     #[test]

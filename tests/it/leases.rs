@@ -42,12 +42,34 @@ async fn campaign_with_plan(
     Ok(repo::ensure_plan(&mut *conn(pool).await?, "voucher_targets", C, rule, "test").await?)
 }
 
-/// Lets a lease run out now, by the database clock.
 /// The previous owner of a partition just taken.
 fn owner(taken: lease::Taken) -> Option<String> {
     taken.previous_owner
 }
 
+/// A heartbeat with nothing sent in the last window.
+async fn heartbeat(
+    c: &mut diesel_async::AsyncMysqlConnection,
+    run_id: &str,
+    instance_id: &str,
+    campaign: Option<CampaignId>,
+    lease_time: Duration,
+    rate_limit_per_sec: f64,
+    current_rows_per_sec: Option<f64>,
+) -> Result<(), diesel::result::Error> {
+    let beat = lease::Heartbeat {
+        run_id,
+        instance_id,
+        campaign,
+        lease_time,
+        rate_limit_per_sec,
+        current_rows_per_sec,
+        recent_sends: (0, Duration::ZERO),
+    };
+    lease::heartbeat(c, &beat).await
+}
+
+/// Lets a lease run out now, by the database clock.
 async fn expire(db: &TestDb, partition_no: u16) -> anyhow::Result<()> {
     db.exec(&format!(
         "UPDATE campaign_partitions SET lease_expires_at = NOW(3) - INTERVAL 1 SECOND \
@@ -81,11 +103,10 @@ async fn heartbeats_make_instances_participants_until_they_expire() -> anyhow::R
     let pool = pool(&db)?;
     let mut c = conn(&pool).await?;
     db.campaign(43, "VOUCHER", "other").await?;
-    lease::heartbeat(&mut c, "node-b#2", "node-b", Some(C), LONG_LEASE, 500.0, None).await?;
-    lease::heartbeat(&mut c, "node-a#1", "node-a", Some(C), LONG_LEASE, 500.0, Some(12.5)).await?;
-    lease::heartbeat(&mut c, "node-c#3", "node-c", Some(CampaignId(43)), LONG_LEASE, 1000.0, None)
-        .await?;
-    lease::heartbeat(&mut c, "node-d#4", "node-d", None, LONG_LEASE, 0.0, None).await?;
+    heartbeat(&mut c, "node-b#2", "node-b", Some(C), LONG_LEASE, 500.0, None).await?;
+    heartbeat(&mut c, "node-a#1", "node-a", Some(C), LONG_LEASE, 500.0, Some(12.5)).await?;
+    heartbeat(&mut c, "node-c#3", "node-c", Some(CampaignId(43)), LONG_LEASE, 1000.0, None).await?;
+    heartbeat(&mut c, "node-d#4", "node-d", None, LONG_LEASE, 0.0, None).await?;
     assert_eq!(lease::participants(&mut c, C).await?, ["node-a#1", "node-b#2"]);
     assert_eq!(lease::participants(&mut c, CampaignId(43)).await?, ["node-c#3"]);
 
@@ -104,16 +125,8 @@ async fn heartbeats_make_instances_participants_until_they_expire() -> anyhow::R
     let started: Vec<String> = db
         .query("SELECT CAST(started_at AS CHAR) FROM daemon_instances WHERE run_id = 'node-b#2'")
         .await?;
-    lease::heartbeat(
-        &mut c,
-        "node-b#2",
-        "node-b",
-        Some(C),
-        Duration::from_millis(300),
-        250.0,
-        None,
-    )
-    .await?;
+    heartbeat(&mut c, "node-b#2", "node-b", Some(C), Duration::from_millis(300), 250.0, None)
+        .await?;
     let after: Vec<(String, f64)> = db
         .query(
             "SELECT CAST(started_at AS CHAR), rate_limit_per_sec FROM daemon_instances \
@@ -126,6 +139,60 @@ async fn heartbeats_make_instances_participants_until_they_expire() -> anyhow::R
         Ok((live == ["node-a#1"]).then_some(()))
     })
     .await?;
+    drop(c);
+    pool.close();
+    db.drop_db().await
+}
+
+/// What the other live instances may still have in Money's window: per instance the larger of
+/// its share and its recent sends while they count, summed over the live instances but the one
+/// asking, whatever campaign they serve (the limit is Money's, across campaigns).
+#[tokio::test(flavor = "multi_thread")]
+async fn others_rate_counts_shares_and_recent_sends_of_live_instances() -> anyhow::Result<()> {
+    let _timing = shared().await;
+    let db = TestDb::new().await?;
+    let pool = pool(&db)?;
+    let mut c = conn(&pool).await?;
+    db.campaign(43, "VOUCHER", "other").await?;
+    let beat = |run_id, campaign, rate, recent: (usize, Duration)| lease::Heartbeat {
+        run_id,
+        instance_id: "node",
+        campaign,
+        lease_time: LONG_LEASE,
+        rate_limit_per_sec: rate,
+        current_rows_per_sec: None,
+        recent_sends: recent,
+    };
+    assert_eq!(lease::others_rate(&mut c, "me#1").await?, 0.0);
+    // Serving campaign 42 at 300/s, having sent 280 in its last window.
+    lease::heartbeat(&mut c, &beat("a#1", Some(C), 300.0, (280, LONG_LEASE))).await?;
+    // Just lowered from 700 to 200: its last window still holds 650 sends.
+    lease::heartbeat(&mut c, &beat("b#1", Some(C), 200.0, (650, LONG_LEASE))).await?;
+    // Idle after another campaign: share 0, but 400 sends still count.
+    lease::heartbeat(&mut c, &beat("c#1", None, 0.0, (400, LONG_LEASE))).await?;
+    // Another campaign, at 100/s.
+    lease::heartbeat(&mut c, &beat("d#1", Some(CampaignId(43)), 100.0, (0, Duration::ZERO)))
+        .await?;
+    lease::heartbeat(&mut c, &beat("me#1", Some(C), 999.0, (999, LONG_LEASE))).await?;
+    assert_eq!(lease::others_rate(&mut c, "me#1").await?, 300.0 + 650.0 + 400.0 + 100.0);
+    assert_eq!(lease::others_rate(&mut c, "a#1").await?, 650.0 + 400.0 + 100.0 + 999.0);
+
+    // Recent sends stop counting when their newest leaves the window (database clock).
+    lease::heartbeat(&mut c, &beat("c#1", None, 0.0, (400, Duration::from_millis(200)))).await?;
+    lease::heartbeat(&mut c, &beat("b#1", Some(C), 200.0, (650, Duration::from_millis(200))))
+        .await?;
+    eventually(Duration::from_secs(10), "the recent sends to stop counting", || async {
+        let rate = lease::others_rate(&mut *conn(&pool).await?, "me#1").await?;
+        Ok((rate == 300.0 + 200.0 + 100.0).then_some(()))
+    })
+    .await?;
+    // An instance whose heartbeat expired, or that deregistered, counts no more.
+    db.exec(
+        "UPDATE daemon_instances SET expires_at = NOW(3) - INTERVAL 1 SECOND WHERE run_id = 'd#1'",
+    )
+    .await?;
+    lease::deregister(&mut c, "a#1").await?;
+    assert_eq!(lease::others_rate(&mut c, "me#1").await?, 200.0);
     drop(c);
     pool.close();
     db.drop_db().await
@@ -307,8 +374,8 @@ async fn release_and_deregister_free_leases_at_once() -> anyhow::Result<()> {
     let pool = pool(&db)?;
     let plan = campaign_with_plan(&db, &pool, 4).await?;
     let mut c = conn(&pool).await?;
-    lease::heartbeat(&mut c, "node-a#1", "node-a", Some(C), LONG_LEASE, 500.0, None).await?;
-    lease::heartbeat(&mut c, "node-b#1", "node-b", Some(C), LONG_LEASE, 500.0, None).await?;
+    heartbeat(&mut c, "node-a#1", "node-a", Some(C), LONG_LEASE, 500.0, None).await?;
+    heartbeat(&mut c, "node-b#1", "node-b", Some(C), LONG_LEASE, 500.0, None).await?;
     for s in &plan[..2] {
         assert!(lease::try_acquire(&mut c, C, "node-a#1", s, LONG_LEASE).await?.is_some());
     }
@@ -358,7 +425,7 @@ impl Instance {
     async fn step(&mut self, partition_count: u16) -> anyhow::Result<()> {
         let c = &mut *self.conn;
         let instance = self.run_id.split('#').next().unwrap_or("");
-        lease::heartbeat(c, &self.run_id, instance, Some(C), LONG_LEASE, 100.0, None).await?;
+        heartbeat(c, &self.run_id, instance, Some(C), LONG_LEASE, 100.0, None).await?;
         let participants = lease::participants(c, C).await?;
         let views = lease::leases(c, C).await?;
         let plan = lease::plan_balance(&views, &participants, &self.run_id, partition_count);

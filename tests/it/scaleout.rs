@@ -187,6 +187,119 @@ async fn instances_join_leave_and_die_while_sharing_one_campaign() -> anyhow::Re
     db.drop_db().await
 }
 
+/// Instances move to the next campaign, or notice a pause, each on its own tick. Campaign 1 has
+/// one partition, so instance A serves it at the whole limit while B waits; when an operator
+/// pauses it, B (polling the status every 100 ms) moves to campaign 2 and takes all four of its
+/// partitions while A (every second) still sends in campaign 1, and then A's last second still
+/// counts at Money. Leases cannot see that: B's share is capped by what A may still have in
+/// Money's window, so no second ever carries more than the limit. Then both share campaign 2,
+/// and campaign 1, resumed, completes; every row is granted exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_campaign_switch_never_doubles_the_rate() -> anyhow::Result<()> {
+    const LIMIT: u32 = 1_000;
+    let _timing = exclusive().await;
+    let db = TestDb::new().await?;
+    let (rows_1, rows_2) = (8_000, 6_000);
+    let sim = sim(SimConfig {
+        rate_limit_per_sec: LIMIT,
+        latency_ms: 5,
+        latency_jitter_ms: 3,
+        expected_grants: rows_1 + rows_2,
+        ..sim_config()
+    })
+    .await?;
+    db.campaign(1, "POINT", "first").await?;
+    db.load_points(1, &point_rows(rows_1)).await?;
+    db.campaign(2, "POINT", "second").await?;
+    db.load_points(2, &point_rows(rows_2)).await?;
+    let common = [
+        ("PAYOUTD_MONEY__RATE_LIMIT_PER_SEC", "1000"),
+        // As in the test above: room for the scheduling stalls of a busy CI machine.
+        ("PAYOUTD_MONEY__RATE_SLACK", "60ms"),
+        ("PAYOUTD_EXECUTOR__LEASE_TIME", LEASE),
+        ("PAYOUTD_EXECUTOR__BATCH_SIZE", "200"),
+        ("PAYOUTD_EXECUTOR__LOCAL_TAKEOVER", "false"),
+    ];
+    let slow: Vec<_> = common
+        .iter()
+        .copied()
+        .chain([
+            ("PAYOUTD_EXECUTOR__PARTITIONS", "1"),
+            ("PAYOUTD_EXECUTOR__GATE_POLL", "1s"),
+            ("PAYOUTD_EXECUTOR__LEASE_CHECK", "250ms"),
+        ])
+        .collect();
+    let quick: Vec<_> = common
+        .iter()
+        .copied()
+        .chain([
+            ("PAYOUTD_EXECUTOR__PARTITIONS", "4"),
+            ("PAYOUTD_EXECUTOR__GATE_POLL", "100ms"),
+            ("PAYOUTD_EXECUTOR__LEASE_CHECK", "100ms"),
+        ])
+        .collect();
+
+    // A alone plans campaign 1 (one partition) and serves it at the whole limit.
+    let mut a = Daemon::start(&db, &sim.base_url(), &slow).await?;
+    db.exec("UPDATE campaigns SET status = 'RUNNING' WHERE id = 1").await?;
+    let ia = instance_of(&a);
+    eventually(Duration::from_secs(20), "A to serve campaign 1", || async {
+        let per = per_instance(&holders(&db, 1).await?);
+        Ok((per.get(&ia) == Some(&1) && done(&db, 1).await? > 500).then_some(()))
+    })
+    .await?;
+    // B joins; the lower run id keeps the one partition, so B must sort after A (pids grow,
+    // but may wrap or gain a digit: start another B then).
+    let mut b = Daemon::start(&db, &sim.base_url(), &quick).await?;
+    for _ in 0..5 {
+        if instance_of(&b) > ia {
+            break;
+        }
+        b.kill().await?;
+        b = Daemon::start(&db, &sim.base_url(), &quick).await?;
+    }
+    anyhow::ensure!(instance_of(&b) > ia, "no second instance sorting after {ia}");
+    db.exec("UPDATE campaigns SET status = 'RUNNING' WHERE id = 2").await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    anyhow::ensure!(
+        per_instance(&holders(&db, 1).await?).get(&ia) == Some(&1),
+        "A no longer holds campaign 1's partition:\n{}",
+        a.log_tail(20)
+    );
+
+    let (ok, _, err) = cli(&db, &["campaign", "pause", "1"]).await?;
+    anyhow::ensure!(ok, "pause failed: {err}");
+    wait_status(&db, 2, "COMPLETED", Duration::from_secs(60))
+        .await
+        .with_context(|| format!("B's log:\n{}", b.log_tail(40)))?;
+    let (ok, _, err) = cli(&db, &["campaign", "resume", "1"]).await?;
+    anyhow::ensure!(ok, "resume failed: {err}");
+    wait_status(&db, 1, "COMPLETED", Duration::from_secs(60)).await?;
+
+    let ledger = sim.ledger();
+    let b_log = b.log_text();
+    assert_eq!(ledger.grants_total, (rows_1 + rows_2) as u64, "{ledger:?}");
+    assert_eq!(ledger.duplicate_grants, 0, "{ledger:?}");
+    assert_eq!(ledger.rate_limited_total, 0, "{ledger:?}\nB's log:\n{b_log}");
+    assert!(ledger.max_requests_in_any_second <= u64::from(LIMIT), "{ledger:?}");
+    // The cap is what held B back: B got to campaign 2 while A's requests still counted.
+    assert!(b_log.contains("rate share held down"), "B was never held down by A's share:\n{b_log}");
+    for (campaign, rows) in [(1, rows_1), (2, rows_2)] {
+        let counts = db.counts("point_targets", campaign).await?;
+        assert_eq!(counts, BTreeMap::from([("SUCCEEDED".to_owned(), rows as i64)]));
+    }
+    a.assert_alive()?;
+    b.assert_alive()?;
+    println!(
+        "campaign switch: max {} requests in a second at a limit of {LIMIT}",
+        ledger.max_requests_in_any_second
+    );
+    a.terminate(Duration::from_secs(20)).await?;
+    b.terminate(Duration::from_secs(20)).await?;
+    sim.shutdown().await;
+    db.drop_db().await
+}
+
 /// A daemon restarted on the same host after kill -9 does not wait out its earlier life's
 /// leases (`executor.lease_time`, 15 s by default): the old process is gone from `/proc`, so its
 /// partitions are taken at once, their IN_FLIGHT rows recovered and resent with their keys.
