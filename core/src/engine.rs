@@ -331,6 +331,7 @@ impl Engine {
     ) {
         let mut fresh: Option<Vec<CampaignRow>> = None;
         self.restore_breaker().await;
+        self.forget_dead_instances().await;
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -374,11 +375,25 @@ impl Engine {
                 }
             }
         }
-        // Leave at once, so other instances take this one's share without waiting for expiry.
+        // Leave at once, so other instances take this one's share without waiting for expiry
+        // (once its last requests have left Money's window).
         if let Ok(mut c) = conn(&self.pool).await
-            && let Err(e) = lease::deregister(&mut c, &self.run_id).await
+            && let Err(e) = lease::retire(&mut c, &self.run_id, self.limiter.recent_sends()).await
         {
             warn!(error = %e, "cannot deregister this instance; its leases expire by themselves");
+        }
+    }
+
+    /// At start: forgets the instances that died without deregistering a day ago or more.
+    async fn forget_dead_instances(&self) {
+        let Ok(mut c) = conn(&self.pool).await else { return };
+        match lease::forget_dead_instances(&mut c, DEAD_INSTANCES_KEPT).await {
+            Ok(0) => {}
+            Ok(n) => info!(
+                instances = n,
+                "forgot daemon instances whose heartbeat expired a day ago or more"
+            ),
+            Err(e) => warn!(error = %e, "cannot forget long-dead daemon instances"),
         }
     }
 
@@ -1275,6 +1290,10 @@ impl Engine {
 /// PENDING bucket slices counted in parallel when a campaign is first planned (plus two ranges
 /// for the other statuses): four keep both cores of a small database server busy.
 const PLAN_COUNT_SLICES: u16 = 4;
+
+/// How long the row of a daemon process that died without deregistering is kept (for whoever
+/// looks into what happened) before a starting daemon forgets it.
+const DEAD_INSTANCES_KEPT: Duration = Duration::from_secs(24 * 3600);
 
 /// How often an idle engine looks for a RUNNING campaign itself (besides discovery's queue).
 const IDLE_LOOK: Duration = Duration::from_millis(50);

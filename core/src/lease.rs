@@ -116,26 +116,79 @@ pub async fn others_rate(conn: &mut AsyncMysqlConnection, run_id: &str) -> QResu
     Ok(row.rate)
 }
 
-/// A clean exit: forgets the process and frees every partition it holds at once, so the others
-/// need not wait for the leases to expire.
+/// Forgets a process and frees every partition it holds at once, so the others need not wait
+/// for the leases to expire (a process of this host found gone, or a clean exit with nothing
+/// sent in the last window: see [`retire`]).
 pub async fn deregister(conn: &mut AsyncMysqlConnection, run_id: &str) -> QResult<()> {
     conn.transaction(async |c| {
         diesel::sql_query("DELETE FROM daemon_instances WHERE run_id = ?")
             .bind::<Text, _>(run_id)
             .execute(c)
             .await?;
+        release_all(c, run_id).await
+    })
+    .await
+}
+
+/// A clean exit: frees every partition the process holds at once, and leaves its row behind,
+/// serving nothing, for as long as its last requests count at Money (`recent_sends`, as
+/// [`crate::rate::RateLimiter::recent_sends`] gives it): the others' shares stay capped by
+/// them ([`others_rate`]) until then. With nothing sent in the last window, [`deregister`].
+pub async fn retire(
+    conn: &mut AsyncMysqlConnection,
+    run_id: &str,
+    recent_sends: (usize, Duration),
+) -> QResult<()> {
+    let (recent, recent_for) = recent_sends;
+    if recent == 0 {
+        return deregister(conn, run_id).await;
+    }
+    let micros = lease_micros(recent_for + Duration::from_millis(1));
+    conn.transaction(async |c| {
         diesel::sql_query(
-            // released_at first: MariaDB assigns left to right, and later assignments see the
-            // earlier ones' values.
-            "UPDATE campaign_partitions \
-             SET released_at = LEAST(NOW(3), COALESCE(lease_expires_at, NOW(3))), \
-             owner = NULL, lease_expires_at = NULL, leased_at = NULL WHERE owner = ?",
+            "UPDATE daemon_instances SET campaign_id = NULL, heartbeat_at = NOW(3), \
+             rate_limit_per_sec = 0, current_rows_per_sec = NULL, recent_sends = ?, \
+             recent_sends_until = NOW(3) + INTERVAL ? MICROSECOND, \
+             expires_at = NOW(3) + INTERVAL ? MICROSECOND WHERE run_id = ?",
         )
+        .bind::<Double, _>(recent as f64)
+        .bind::<BigInt, _>(micros)
+        .bind::<BigInt, _>(micros)
         .bind::<Text, _>(run_id)
         .execute(c)
         .await?;
-        Ok(())
+        release_all(c, run_id).await
     })
+    .await
+}
+
+/// Frees every partition `run_id` holds, noting when it stopped sending in them.
+async fn release_all(c: &mut AsyncMysqlConnection, run_id: &str) -> QResult<()> {
+    diesel::sql_query(
+        // released_at first: MariaDB assigns left to right, and later assignments see the
+        // earlier ones' values.
+        "UPDATE campaign_partitions \
+         SET released_at = LEAST(NOW(3), COALESCE(lease_expires_at, NOW(3))), \
+         owner = NULL, lease_expires_at = NULL, leased_at = NULL WHERE owner = ?",
+    )
+    .bind::<Text, _>(run_id)
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+/// Forgets the processes whose heartbeat expired more than `after` ago: those that died
+/// without deregistering (kill -9, a lost host). Their leases have long run out; their rows
+/// would only slow the reads of the live instances down. Returns how many were forgotten.
+pub async fn forget_dead_instances(
+    conn: &mut AsyncMysqlConnection,
+    after: Duration,
+) -> QResult<usize> {
+    diesel::sql_query(
+        "DELETE FROM daemon_instances WHERE expires_at < NOW(3) - INTERVAL ? MICROSECOND",
+    )
+    .bind::<BigInt, _>(lease_micros(after))
+    .execute(conn)
     .await
 }
 

@@ -193,6 +193,38 @@ async fn others_rate_counts_shares_and_recent_sends_of_live_instances() -> anyho
     .await?;
     lease::deregister(&mut c, "a#1").await?;
     assert_eq!(lease::others_rate(&mut c, "me#1").await?, 200.0);
+
+    // A process that exits cleanly is no participant any more, but its last requests count
+    // until they leave the window; with none, it is forgotten at once.
+    lease::heartbeat(&mut c, &beat("e#1", Some(C), 300.0, (280, LONG_LEASE))).await?;
+    lease::retire(&mut c, "e#1", (290, Duration::from_millis(300))).await?;
+    assert_eq!(lease::others_rate(&mut c, "me#1").await?, 200.0 + 290.0);
+    assert!(!lease::participants(&mut c, C).await?.contains(&"e#1".to_owned()));
+    eventually(Duration::from_secs(10), "the retired process's sends to stop counting", || async {
+        let rate = lease::others_rate(&mut *conn(&pool).await?, "me#1").await?;
+        Ok((rate == 200.0).then_some(()))
+    })
+    .await?;
+    lease::heartbeat(&mut c, &beat("f#1", Some(C), 300.0, (0, Duration::ZERO))).await?;
+    lease::retire(&mut c, "f#1", (0, Duration::ZERO)).await?;
+    let f: Vec<String> =
+        db.query("SELECT run_id FROM daemon_instances WHERE run_id = 'f#1'").await?;
+    assert!(f.is_empty(), "a process with nothing left in the window is forgotten at once");
+    db.exec("DELETE FROM daemon_instances WHERE run_id = 'e#1'").await?;
+
+    // A starting daemon forgets the processes that died a day ago or more, and only those.
+    db.exec(
+        "UPDATE daemon_instances SET expires_at = NOW(3) - INTERVAL 25 HOUR WHERE run_id = 'd#1'",
+    )
+    .await?;
+    db.exec(
+        "UPDATE daemon_instances SET expires_at = NOW(3) - INTERVAL 23 HOUR WHERE run_id = 'c#1'",
+    )
+    .await?;
+    let day = Duration::from_secs(24 * 3600);
+    assert_eq!(lease::forget_dead_instances(&mut c, day).await?, 1);
+    let left: Vec<String> = db.query("SELECT run_id FROM daemon_instances ORDER BY run_id").await?;
+    assert_eq!(left, ["b#1", "c#1", "me#1"]);
     drop(c);
     pool.close();
     db.drop_db().await
@@ -402,6 +434,10 @@ async fn release_and_deregister_free_leases_at_once() -> anyhow::Result<()> {
         lease::try_acquire(&mut c, C, "node-b#1", &plan[1], LONG_LEASE).await?.map(owner),
         Some(None)
     );
+    // A clean exit of a process that sent within the last window frees its leases just as well.
+    lease::retire(&mut c, "node-b#1", (120, LONG_LEASE)).await?;
+    assert!(lease::participants(&mut c, C).await?.is_empty());
+    assert!(lease::leases(&mut c, C).await?.iter().all(|l| l.owner.is_none()));
     drop(c);
     pool.close();
     db.drop_db().await
@@ -683,6 +719,15 @@ async fn lease_and_remaining_row_statements_use_their_indexes() -> anyhow::Resul
          seq % 10, NOW(3), NOW(3), NOW(3) + INTERVAL 60 SECOND FROM seq_1_to_100",
     )
     .await?;
+    // And 1,000 processes that died without deregistering within the last day (a starting
+    // daemon forgets older ones).
+    db.exec(
+        "INSERT INTO daemon_instances (run_id, instance_id, campaign_id, started_at, \
+         heartbeat_at, expires_at) SELECT CONCAT('dead-', seq, '#1'), CONCAT('dead-', seq), \
+         seq % 10, NOW(3) - INTERVAL 2 DAY, NOW(3) - INTERVAL seq MINUTE, \
+         NOW(3) - INTERVAL seq MINUTE FROM seq_1_to_1000",
+    )
+    .await?;
     db.exec("ANALYZE TABLE voucher_targets, campaign_partitions, daemon_instances").await?;
 
     let ms =
@@ -700,6 +745,19 @@ async fn lease_and_remaining_row_statements_use_their_indexes() -> anyhow::Resul
              ORDER BY run_id"
                 .to_owned(),
             "ix_daemon_instances_campaign",
+        ),
+        (
+            "SELECT COALESCE(SUM(GREATEST(rate_limit_per_sec, \
+             IF(recent_sends_until > NOW(3), recent_sends, 0))), 0) AS rate \
+             FROM daemon_instances WHERE run_id <> 'node-3#1' AND expires_at > NOW(3)"
+                .to_owned(),
+            "ix_daemon_instances_expires",
+        ),
+        (
+            "DELETE FROM daemon_instances WHERE expires_at < NOW(3) - INTERVAL 86400000000 \
+             MICROSECOND"
+                .to_owned(),
+            "ix_daemon_instances_expires",
         ),
         (
             format!(
