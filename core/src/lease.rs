@@ -165,11 +165,12 @@ pub async fn retire(
 /// Frees every partition `run_id` holds, noting when it stopped sending in them.
 async fn release_all(c: &mut AsyncMysqlConnection, run_id: &str) -> QResult<()> {
     diesel::sql_query(
-        // released_at first: MariaDB assigns left to right, and later assignments see the
-        // earlier ones' values.
+        // released_at and released_by first: MariaDB assigns left to right, and later
+        // assignments see the earlier ones' values.
         "UPDATE campaign_partitions \
          SET released_at = LEAST(NOW(3), COALESCE(lease_expires_at, NOW(3))), \
-         owner = NULL, lease_expires_at = NULL, leased_at = NULL WHERE owner = ?",
+         released_by = owner, owner = NULL, lease_expires_at = NULL, leased_at = NULL \
+         WHERE owner = ?",
     )
     .bind::<Text, _>(run_id)
     .execute(c)
@@ -256,6 +257,9 @@ pub struct LeaseView {
     /// For how long nobody has sent in it: since it was given back, or since the lease of the
     /// holder that let it run out ended (negative: a lease still running). `None`: never held.
     pub quiet_for_ms: Option<i64>,
+    /// The process that gave it back last (kept until it is taken again; after a re-plan, the
+    /// one process that held the old plan's partitions last, if it was one).
+    pub released_by: Option<String>,
 }
 
 impl LeaseView {
@@ -285,6 +289,8 @@ struct LeaseRow {
     held_for_ms: Option<i64>,
     #[diesel(sql_type = Nullable<BigInt>)]
     quiet_for_ms: Option<i64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    released_by: Option<String>,
 }
 
 /// Columns of [`LeaseRow`]; the durations are computed by the database so that no local clock
@@ -294,7 +300,7 @@ const LEASE_COLUMNS: &str = "partition_no, partition_count, bucket_lo, bucket_hi
      AS expires_in_ms, leased_at, \
      CAST(TIMESTAMPDIFF(MICROSECOND, leased_at, NOW(3)) DIV 1000 AS SIGNED) AS held_for_ms, \
      CAST(TIMESTAMPDIFF(MICROSECOND, COALESCE(released_at, lease_expires_at), NOW(3)) DIV 1000 \
-     AS SIGNED) AS quiet_for_ms";
+     AS SIGNED) AS quiet_for_ms, released_by";
 
 fn small(v: i16) -> u16 {
     u16::try_from(v).unwrap_or(0)
@@ -315,6 +321,7 @@ impl From<LeaseRow> for LeaseView {
             leased_at: r.leased_at,
             held_for_ms: r.held_for_ms,
             quiet_for_ms: r.quiet_for_ms,
+            released_by: r.released_by,
         }
     }
 }
@@ -395,8 +402,9 @@ pub struct Taken {
     /// `None`: it was free; `Some(x)`: taken over from `x`, whose lease ran out (for the caller
     /// to log).
     pub previous_owner: Option<String>,
-    /// For how long nobody had sent in it, by the database clock: since it was given back, or
-    /// since the lease that ran out ended. `None`: nobody had held it.
+    /// For how long no other process had sent in it, by the database clock: since it was given
+    /// back, or since the lease that ran out ended. `None`: nobody had held it, or the taker
+    /// itself held it last (its own send log holds what it sent there).
     pub quiet_for: Option<Duration>,
 }
 
@@ -437,7 +445,7 @@ pub async fn try_acquire(
         let n = diesel::sql_query(
             "UPDATE campaign_partitions SET owner = ?, \
              lease_expires_at = NOW(3) + INTERVAL ? MICROSECOND, leased_at = NOW(3), \
-             released_at = NULL WHERE campaign_id = ? AND partition_no = ? \
+             released_at = NULL, released_by = NULL WHERE campaign_id = ? AND partition_no = ? \
              AND (owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at <= NOW(3))",
         )
         .bind::<Text, _>(run_id)
@@ -446,7 +454,12 @@ pub async fn try_acquire(
         .bind::<SmallInt, _>(slice.partition_no as i16)
         .execute(c)
         .await?;
-        let quiet_for = current.quiet_for_ms.map(|ms| Duration::from_millis(ms.max(0) as u64));
+        // Sends of this very process are in its own send log: only another's count here.
+        let last_holder = current.owner.as_deref().or(current.released_by.as_deref());
+        let quiet_for = match last_holder {
+            Some(holder) if holder == run_id => None,
+            _ => current.quiet_for_ms.map(|ms| Duration::from_millis(ms.max(0) as u64)),
+        };
         Ok((n == 1).then_some(Taken { previous_owner: current.owner, quiet_for }))
     })
     .await
@@ -460,8 +473,9 @@ pub async fn release(
     partition_no: u16,
 ) -> QResult<bool> {
     let n = diesel::sql_query(
-        "UPDATE campaign_partitions SET owner = NULL, lease_expires_at = NULL, leased_at = NULL, \
-         released_at = NOW(3) WHERE campaign_id = ? AND partition_no = ? AND owner = ?",
+        "UPDATE campaign_partitions SET released_by = owner, owner = NULL, \
+         lease_expires_at = NULL, leased_at = NULL, released_at = NOW(3) \
+         WHERE campaign_id = ? AND partition_no = ? AND owner = ?",
     )
     .bind::<BigInt, _>(campaign.0)
     .bind::<SmallInt, _>(partition_no as i16)
@@ -762,6 +776,7 @@ mod tests {
                 leased_at: None,
                 held_for_ms: None,
                 quiet_for_ms: None,
+                released_by: None,
             })
             .collect()
     }

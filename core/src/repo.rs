@@ -518,7 +518,8 @@ pub async fn ensure_plan_counted(
 /// Replaces the campaign's partition rows with `plan` (no lease held), inside the caller's
 /// transaction: the first plan, or a re-plan. The new rows remember when the old ones were last
 /// sent in (`released_at`), so that whoever takes them first waits out the window the old
-/// holders' last requests still count in.
+/// holders' last requests still count in, and by whom if one process held them all last
+/// (`released_by`): that process's own send log holds those requests, so it need not wait.
 pub async fn store_partitions(
     conn: &mut AsyncMysqlConnection,
     id: CampaignId,
@@ -528,16 +529,23 @@ pub async fn store_partitions(
     struct Quiet {
         #[diesel(sql_type = Nullable<Datetime>)]
         since: Option<NaiveDateTime>,
+        #[diesel(sql_type = Nullable<Text>)]
+        by: Option<String>,
     }
-    // An aggregate: always one row, NULL when there is no old row (the first plan).
+    // An aggregate: always one row, NULL when there is no old row (the first plan). `by`: the
+    // one process that held every old partition ever held last, else NULL (anyone's sends).
     let quiet: Quiet = diesel::sql_query(
-        "SELECT LEAST(NOW(3), MAX(COALESCE(released_at, lease_expires_at))) AS since \
-         FROM campaign_partitions WHERE campaign_id = ?",
+        "SELECT LEAST(NOW(3), MAX(COALESCE(released_at, lease_expires_at))) AS since, \
+         IF(COUNT(DISTINCT COALESCE(owner, released_by)) = 1 \
+            AND COUNT(COALESCE(owner, released_by)) = COUNT(*), \
+            MAX(COALESCE(owner, released_by)), NULL) AS `by` \
+         FROM campaign_partitions \
+         WHERE campaign_id = ? AND COALESCE(released_at, lease_expires_at) IS NOT NULL",
     )
     .bind::<BigInt, _>(id.0)
     .get_result(conn)
     .await?;
-    let since = quiet.since;
+    let Quiet { since, by } = quiet;
     diesel::sql_query("DELETE FROM campaign_partitions WHERE campaign_id = ?")
         .bind::<BigInt, _>(id.0)
         .execute(conn)
@@ -545,8 +553,8 @@ pub async fn store_partitions(
     for s in plan {
         diesel::sql_query(
             "INSERT INTO campaign_partitions \
-             (campaign_id, partition_no, partition_count, bucket_lo, bucket_hi, released_at) \
-             VALUES (?, ?, ?, ?, ?, ?)",
+             (campaign_id, partition_no, partition_count, bucket_lo, bucket_hi, released_at, \
+             released_by) VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
         .bind::<BigInt, _>(id.0)
         .bind::<SmallInt, _>(s.partition_no as i16)
@@ -554,6 +562,7 @@ pub async fn store_partitions(
         .bind::<SmallInt, _>(s.bucket_lo as i16)
         .bind::<SmallInt, _>(s.bucket_hi as i16)
         .bind::<Nullable<Datetime>, _>(since)
+        .bind::<Nullable<Text>, _>(by.as_deref())
         .execute(conn)
         .await?;
     }

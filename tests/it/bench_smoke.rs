@@ -64,6 +64,9 @@ async fn a_small_benchmark_run_writes_sane_figures() -> anyhow::Result<()> {
     let per_partition = json["rows_per_sec_per_partition"].as_object().cloned().unwrap_or_default();
     assert_eq!(per_partition.len(), 4, "{summary}");
     assert!(json["machine"]["nproc"].as_u64().unwrap_or(0) >= 1, "{summary}");
+    assert!(json["mariadb"]["innodb_buffer_pool_mib"].as_u64().unwrap_or(0) > 0, "{summary}");
+    assert!(json["mariadb"]["innodb_log_file_mib"].as_u64().unwrap_or(0) > 0, "{summary}");
+    assert!(json["mariadb"]["version"].as_str().is_some_and(|v| !v.is_empty()), "{summary}");
     assert!(json["config"]["rows"] == 3000, "{summary}");
     // Every request was admitted once, arrived, and noted when it left; a departure line is not
     // an admission.

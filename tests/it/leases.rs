@@ -347,7 +347,23 @@ async fn a_taken_partition_says_how_long_nobody_has_sent_in_it() -> anyhow::Resu
         .context("a partition given back has a quiet time")?;
     assert!(q < Duration::from_secs(1), "{q:?}");
     // Held again: the hand-back is forgotten until the next one.
-    assert!(lease::leases(&mut c, C).await?[0].quiet_for_ms.is_some_and(|ms| ms < 0));
+    let view = lease::leases(&mut c, C).await?.remove(0);
+    assert!(view.quiet_for_ms.is_some_and(|ms| ms < 0) && view.released_by.is_none(), "{view:?}");
+
+    // Given back and taken again by the same process: its own send log holds what it sent
+    // there, so there is nothing to wait out.
+    assert!(lease::release(&mut c, C, "node-a#1", 0).await?);
+    assert_eq!(lease::leases(&mut c, C).await?[0].released_by.as_deref(), Some("node-a#1"));
+    assert_eq!(
+        quiet(lease::try_acquire(&mut c, C, "node-a#1", &plan[0], LONG_LEASE).await?),
+        Some(None)
+    );
+    // Nor for a lease of its own that ran out (a database outage of its own).
+    expire(&db, 0).await?;
+    assert_eq!(
+        quiet(lease::try_acquire(&mut c, C, "node-a#1", &plan[0], LONG_LEASE).await?),
+        Some(None)
+    );
 
     // A deregistered process's partitions: quiet since it went, or since its lease ended if
     // that was earlier.
@@ -366,6 +382,32 @@ async fn a_taken_partition_says_how_long_nobody_has_sent_in_it() -> anyhow::Resu
     assert!(
         views.iter().all(|v| v.quiet_for_ms.is_some_and(|ms| (0..2_000).contains(&ms))),
         "{views:?}"
+    );
+    // ... and by whom, when one process held all the old partitions last: that process takes
+    // the new ones without waiting, any other waits.
+    assert!(views.iter().all(|v| v.released_by.as_deref() == Some("node-a#1")), "{views:?}");
+    let plan8 = lease::leases(&mut c, C).await?.into_iter().map(|v| v.slice).collect::<Vec<_>>();
+    assert_eq!(
+        quiet(lease::try_acquire(&mut c, C, "node-a#2", &plan8[0], LONG_LEASE).await?)
+            .map(|q| q.is_some()),
+        Some(true),
+        "another run of the same host is another process"
+    );
+    assert_eq!(
+        quiet(lease::try_acquire(&mut c, C, "node-a#1", &plan8[1], LONG_LEASE).await?),
+        Some(None)
+    );
+    // Old partitions last held by two processes: the new ones wait whoever takes them.
+    lease::deregister(&mut c, "node-a#2").await?;
+    lease::deregister(&mut c, "node-a#1").await?;
+    assert!(lease::request_replan(&mut c, C, 4, "test").await?);
+    assert!(lease::apply_replan(&mut c, C, "test").await?.is_some());
+    let views = lease::leases(&mut c, C).await?;
+    assert!(views.iter().all(|v| v.released_by.is_none()), "{views:?}");
+    assert!(
+        quiet(lease::try_acquire(&mut c, C, "node-a#1", &views[0].slice, LONG_LEASE).await?)
+            .flatten()
+            .is_some()
     );
     drop(c);
     pool.close();

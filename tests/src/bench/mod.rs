@@ -298,6 +298,35 @@ pub struct Machine {
     pub loadavg_end: Option<[f64; 3]>,
 }
 
+/// The MariaDB server's version and the settings that move the database's cost per row (read
+/// once at the start of a run): a run on a server with the default 128 MiB buffer pool and
+/// 96 MiB redo log is not comparable with one on a tuned server.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ServerSettings {
+    pub version: String,
+    pub innodb_buffer_pool_mib: u64,
+    pub innodb_log_file_mib: u64,
+    pub innodb_flush_log_at_trx_commit: u32,
+}
+
+impl ServerSettings {
+    async fn read(db: &db::BenchDb) -> anyhow::Result<ServerSettings> {
+        let (version, pool, log, flush): (String, u64, u64, u32) = db
+            .first(
+                "SELECT @@version, @@innodb_buffer_pool_size, @@innodb_log_file_size, \
+                 @@innodb_flush_log_at_trx_commit",
+            )
+            .await?
+            .context("the server settings query returned no row")?;
+        Ok(ServerSettings {
+            version,
+            innodb_buffer_pool_mib: pool / 1_048_576,
+            innodb_log_file_mib: log / 1_048_576,
+            innodb_flush_log_at_trx_commit: flush,
+        })
+    }
+}
+
 /// The result of one run: what is printed and written as JSON. Times are wall-clock; rates are
 /// rows per second. Fields of the end-to-end run are absent with `db_only`.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -305,6 +334,7 @@ pub struct BenchReport {
     pub date: String,
     pub git_commit: Option<String>,
     pub machine: Machine,
+    pub mariadb: ServerSettings,
     pub config: Option<BenchConfig>,
     /// The server, password masked.
     pub server: String,
@@ -436,6 +466,15 @@ pub async fn run(cfg: &BenchConfig) -> anyhow::Result<BenchReport> {
         ..BenchReport::default()
     };
     let bench_db = BenchDbGuard(Some(db::BenchDb::create(&server, &name).await?));
+    report.mariadb = ServerSettings::read(bench_db.get()?).await?;
+    if report.mariadb.innodb_buffer_pool_mib < 1024 || report.mariadb.innodb_log_file_mib < 1024 {
+        report.notes.push(format!(
+            "MariaDB runs with a {} MiB buffer pool and a {} MiB redo log; BENCHMARKS.md's runs \
+             since session 3 had a 1 GiB buffer pool (and since session 15 a 1 GiB redo log): \
+             SET GLOBAL innodb_buffer_pool_size = 1073741824, innodb_log_file_size = 1073741824",
+            report.mariadb.innodb_buffer_pool_mib, report.mariadb.innodb_log_file_mib
+        ));
+    }
     let result = run_in(cfg, &mut report, bench_db.get()?, &payoutd, &out).await;
     bench_db.finish(cfg.keep_db, &mut report).await;
     result?;
@@ -988,6 +1027,15 @@ pub fn summary(r: &BenchReport) -> String {
         opt(r.machine.mem_total_mib),
         r.machine.loadavg_start.map(|l| format!("{:.2}", l[0])).unwrap_or_default(),
         r.machine.loadavg_end.map(|l| format!("{:.2}", l[0])).unwrap_or_default(),
+    );
+    let m = &r.mariadb;
+    let _ = writeln!(
+        s,
+        "  MariaDB {}: buffer pool {} MiB, redo log {} MiB, flush_log_at_trx_commit {}",
+        m.version,
+        m.innodb_buffer_pool_mib,
+        m.innodb_log_file_mib,
+        m.innodb_flush_log_at_trx_commit
     );
     if let Some(st) = &r.status {
         let _ = writeln!(

@@ -1,0 +1,1 @@
+ALTER TABLE campaign_partitions DROP COLUMN released_by;
