@@ -378,7 +378,13 @@ impl Engine {
         // Leave at once, so other instances take this one's share without waiting for expiry
         // (once its last requests have left Money's window).
         if let Ok(mut c) = conn(&self.pool).await
-            && let Err(e) = lease::retire(&mut c, &self.run_id, self.limiter.recent_sends()).await
+            && let Err(e) = lease::retire(
+                &mut c,
+                &self.run_id,
+                &self.settings.instance_id,
+                self.limiter.recent_sends(),
+            )
+            .await
         {
             warn!(error = %e, "cannot deregister this instance; its leases expire by themselves");
         }

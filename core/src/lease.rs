@@ -132,31 +132,30 @@ pub async fn deregister(conn: &mut AsyncMysqlConnection, run_id: &str) -> QResul
 
 /// A clean exit: frees every partition the process holds at once, and leaves its row behind,
 /// serving nothing, for as long as its last requests count at Money (`recent_sends`, as
-/// [`crate::rate::RateLimiter::recent_sends`] gives it): the others' shares stay capped by
-/// them ([`others_rate`]) until then. With nothing sent in the last window, [`deregister`].
+/// [`crate::rate::RateLimiter::recent_sends`] gives it): a last [`heartbeat`] with no campaign
+/// and no share that expires with those requests, so the others' shares stay capped by them
+/// ([`others_rate`]) until then. With nothing sent in the last window, [`deregister`].
 pub async fn retire(
     conn: &mut AsyncMysqlConnection,
     run_id: &str,
+    instance_id: &str,
     recent_sends: (usize, Duration),
 ) -> QResult<()> {
     let (recent, recent_for) = recent_sends;
     if recent == 0 {
         return deregister(conn, run_id).await;
     }
-    let micros = lease_micros(recent_for + Duration::from_millis(1));
+    let last = Heartbeat {
+        run_id,
+        instance_id,
+        campaign: None,
+        lease_time: recent_for + Duration::from_millis(1),
+        rate_limit_per_sec: 0.0,
+        current_rows_per_sec: None,
+        recent_sends,
+    };
     conn.transaction(async |c| {
-        diesel::sql_query(
-            "UPDATE daemon_instances SET campaign_id = NULL, heartbeat_at = NOW(3), \
-             rate_limit_per_sec = 0, current_rows_per_sec = NULL, recent_sends = ?, \
-             recent_sends_until = NOW(3) + INTERVAL ? MICROSECOND, \
-             expires_at = NOW(3) + INTERVAL ? MICROSECOND WHERE run_id = ?",
-        )
-        .bind::<Double, _>(recent as f64)
-        .bind::<BigInt, _>(micros)
-        .bind::<BigInt, _>(micros)
-        .bind::<Text, _>(run_id)
-        .execute(c)
-        .await?;
+        heartbeat(c, &last).await?;
         release_all(c, run_id).await
     })
     .await

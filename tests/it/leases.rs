@@ -197,7 +197,7 @@ async fn others_rate_counts_shares_and_recent_sends_of_live_instances() -> anyho
     // A process that exits cleanly is no participant any more, but its last requests count
     // until they leave the window; with none, it is forgotten at once.
     lease::heartbeat(&mut c, &beat("e#1", Some(C), 300.0, (280, LONG_LEASE))).await?;
-    lease::retire(&mut c, "e#1", (290, Duration::from_millis(300))).await?;
+    lease::retire(&mut c, "e#1", "node", (290, Duration::from_millis(300))).await?;
     assert_eq!(lease::others_rate(&mut c, "me#1").await?, 200.0 + 290.0);
     assert!(!lease::participants(&mut c, C).await?.contains(&"e#1".to_owned()));
     eventually(Duration::from_secs(10), "the retired process's sends to stop counting", || async {
@@ -206,7 +206,7 @@ async fn others_rate_counts_shares_and_recent_sends_of_live_instances() -> anyho
     })
     .await?;
     lease::heartbeat(&mut c, &beat("f#1", Some(C), 300.0, (0, Duration::ZERO))).await?;
-    lease::retire(&mut c, "f#1", (0, Duration::ZERO)).await?;
+    lease::retire(&mut c, "f#1", "node", (0, Duration::ZERO)).await?;
     let f: Vec<String> =
         db.query("SELECT run_id FROM daemon_instances WHERE run_id = 'f#1'").await?;
     assert!(f.is_empty(), "a process with nothing left in the window is forgotten at once");
@@ -477,7 +477,7 @@ async fn release_and_deregister_free_leases_at_once() -> anyhow::Result<()> {
         Some(None)
     );
     // A clean exit of a process that sent within the last window frees its leases just as well.
-    lease::retire(&mut c, "node-b#1", (120, LONG_LEASE)).await?;
+    lease::retire(&mut c, "node-b#1", "node-b", (120, LONG_LEASE)).await?;
     assert!(lease::participants(&mut c, C).await?.is_empty());
     assert!(lease::leases(&mut c, C).await?.iter().all(|l| l.owner.is_none()));
     drop(c);
