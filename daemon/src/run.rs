@@ -10,7 +10,7 @@ use payout_core::KindRegistry;
 use payout_core::alerts::{AlertDelivery, FailureRateWatcher};
 use payout_core::db::{self, DbPool, DbSettings};
 use payout_core::engine::{Engine, EngineSettings};
-use payout_core::money::{MoneyClient, MoneySettings};
+use payout_core::money::{MoneyClient, MoneySettings, idle_connections_for};
 use payout_core::plan::PartitionRule;
 use payout_core::rate::RateLimiter;
 use payout_core::retry::RetryPolicy;
@@ -119,7 +119,10 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
         base_url: run.money_base_url.clone(),
         api_key: SecretString::from(run.money_api_key.expose().to_owned()),
         timeout: settings.money.timeout,
-        pool_size: settings.money.max_in_flight,
+        idle_connections: idle_connections_for(
+            settings.money.rate_limit_per_sec.get(),
+            settings.money.max_in_flight,
+        ),
     })?;
     let limiter = RateLimiter::new(
         settings.money.rate_limit_per_sec,

@@ -68,6 +68,13 @@ async fn a_small_benchmark_run_writes_sane_figures() -> anyhow::Result<()> {
     assert!(json["mariadb"]["innodb_log_file_mib"].as_u64().unwrap_or(0) > 0, "{summary}");
     assert!(json["mariadb"]["version"].as_str().is_some_and(|v| !v.is_empty()), "{summary}");
     assert!(json["config"]["rows"] == 3000, "{summary}");
+    let connections = |field: &str| json["sim_ledger"][field].as_u64().unwrap_or(0);
+    assert!(connections("connections_open_peak") > 0, "{summary}");
+    assert!(
+        connections("connections_accepted_total") >= connections("connections_open_peak"),
+        "{summary}"
+    );
+    assert!(summary.contains("opened to money-sim"), "{summary}");
     // Every request was admitted once, arrived, and noted when it left; a departure line is not
     // an admission.
     let requests = json["requests_total"].as_u64().unwrap_or(0);

@@ -18,7 +18,7 @@ fn client(base_url: &str) -> anyhow::Result<MoneyClient> {
         base_url: base_url.to_owned(),
         api_key: SecretString::from(SIM_KEY),
         timeout: Duration::from_secs(3),
-        pool_size: 4,
+        idle_connections: 4,
     })?)
 }
 
@@ -81,5 +81,39 @@ async fn a_request_that_never_reaches_a_connection_notes_no_departure() -> anyho
     let result = money.grant_noting_departure(&request(1)?, departure()).await;
     assert!(result.is_err(), "{result:?}");
     assert!(noted.lock().unwrap_or_else(PoisonError::into_inner).is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn connections_opened_for_a_peak_are_closed_down_to_the_idle_bound() -> anyhow::Result<()> {
+    let sim = sim(SimConfig { latency_ms: 50, ..sim_config() }).await?;
+    let money = client(&sim.base_url())?;
+    // 32 requests at once need 32 connections.
+    let mut set = tokio::task::JoinSet::new();
+    for target in 1..=32 {
+        let (money, request) = (money.clone(), request(target)?);
+        set.spawn(async move { money.grant(&request).await });
+    }
+    while let Some(answer) = set.join_next().await {
+        assert!(!answer??.transaction_id.is_empty());
+    }
+    let ledger = sim.ledger();
+    assert!(ledger.connections_open_peak >= 32, "{ledger:?}");
+    // Once the answers are in, the client keeps 4 of them (`idle_connections`) and closes the
+    // rest, rather than keeping them for a minute.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sim.ledger().connections_open > 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ledger = sim.ledger();
+    assert!(ledger.connections_open <= 4, "{ledger:?}");
+    // The next requests, one at a time, go over the kept connections.
+    let accepted = ledger.connections_accepted_total;
+    for target in 33..=36 {
+        money.grant(&request(target)?).await?;
+    }
+    let ledger = sim.ledger();
+    assert_eq!(ledger.connections_accepted_total, accepted, "{ledger:?}");
+    assert_eq!((ledger.grants_total, ledger.duplicate_grants), (36, 0), "{ledger:?}");
     Ok(())
 }

@@ -1149,6 +1149,13 @@ pub fn summary(r: &BenchReport) -> String {
             opt(r.grants_total),
             opt(r.requests_total),
         );
+        if let Some(l) = &r.sim_ledger {
+            let _ = writeln!(
+                s,
+                "  connections           {} opened to money-sim, at most {} open at once, {} open at the end",
+                l.connections_accepted_total, l.connections_open_peak, l.connections_open,
+            );
+        }
         if let Some(t) = &r.transit {
             let _ = writeln!(
                 s,

@@ -34,14 +34,62 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub(crate) struct SimListener {
     inner: TcpListener,
+    connections: Arc<Connections>,
 }
 
 impl SimListener {
-    pub(crate) fn new(inner: TcpListener) -> Self {
+    pub(crate) fn new(inner: TcpListener, connections: Arc<Connections>) -> Self {
         // Accepted sockets inherit the option; asking on the listener also makes the kernel
         // turn receive times on (which it does in the background) before the first request.
         enable_receive_times(&inner);
-        SimListener { inner }
+        SimListener { inner, connections }
+    }
+}
+
+/// Counts of the connections clients opened: how many, and how many are open now and at most
+/// (a client's connection pool is seen from here; see the ledger).
+#[derive(Debug, Default)]
+pub(crate) struct Connections {
+    accepted: AtomicU64,
+    open: AtomicU64,
+    peak_open: AtomicU64,
+}
+
+impl Connections {
+    /// Counts one more open connection until the returned guard is dropped.
+    fn opened(self: &Arc<Self>) -> OpenConnection {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak_open.fetch_max(open, Ordering::Relaxed);
+        OpenConnection(Arc::clone(self))
+    }
+
+    pub(crate) fn accepted_total(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn open_now(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn peak_open(&self) -> u64 {
+        self.peak_open.load(Ordering::Relaxed)
+    }
+
+    /// Starts counting afresh: nothing accepted yet, the peak being what is open now.
+    pub(crate) fn reset(&self) {
+        self.accepted.store(0, Ordering::Relaxed);
+        self.peak_open.store(self.open.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+}
+
+/// One open connection in [`Connections`]; dropped with its stream.
+#[derive(Debug)]
+struct OpenConnection(Arc<Connections>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -96,7 +144,8 @@ impl Listener for SimListener {
                     }
                     let closer = duplicate(&stream).map(Arc::new);
                     match StampedStream::new(stream) {
-                        Ok(stream) => {
+                        Ok(mut stream) => {
+                            stream.open = Some(self.connections.opened());
                             let received = stream.received.clone();
                             return (stream, ConnHandle { closer, received });
                         }
@@ -138,6 +187,8 @@ pub(crate) struct StampedStream {
     io: StreamIo,
     /// See [`ConnHandle::take_received`]; shared with the connection's handle.
     received: Arc<AtomicU64>,
+    /// Counts the stream in [`Connections`] while it lives (set by the listener).
+    open: Option<OpenConnection>,
 }
 
 #[derive(Debug)]
@@ -159,7 +210,7 @@ impl StampedStream {
         } else {
             StreamIo::Plain(inner)
         };
-        Ok(StampedStream { io, received: Arc::default() })
+        Ok(StampedStream { io, received: Arc::default(), open: None })
     }
 
     /// Kernel receive time of the latest read's bytes (see [`ConnHandle::take_received`]).
@@ -416,7 +467,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_sent_before_its_connection_was_accepted_gets_its_receive_time_too() {
-        let listener = SimListener::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        let listener =
+            SimListener::new(TcpListener::bind("127.0.0.1:0").await.unwrap(), Arc::default());
         tokio::time::sleep(Duration::from_millis(100)).await;
         let mut client = TcpStream::connect(listener.inner.local_addr().unwrap()).await.unwrap();
         let sent = SystemTime::now();

@@ -194,6 +194,15 @@ pub struct LedgerSummary {
     /// Connections closed without an answer (`reset` outage).
     #[serde(default)]
     pub connections_dropped_total: u64,
+    /// Connections clients opened (since the start or the last reset).
+    #[serde(default)]
+    pub connections_accepted_total: u64,
+    /// Connections open when the ledger was read.
+    #[serde(default)]
+    pub connections_open: u64,
+    /// The most connections open at once (since the start or the last reset).
+    #[serde(default)]
+    pub connections_open_peak: u64,
 }
 
 /// A change to the fault settings (`POST /_sim/faults`); `None` fields stay as they are.
@@ -294,10 +303,11 @@ impl MoneySim {
         let app =
             http::router(Arc::clone(&shared)).into_make_service_with_connect_info::<ConnHandle>();
         let mut stop = shared.subscribe_shutdown();
-        let server = axum::serve(SimListener::new(tcp), app).with_graceful_shutdown(async move {
-            // An error means the sender is gone, which is a shutdown as well.
-            let _ = stop.wait_for(|stopping| *stopping).await;
-        });
+        let server = axum::serve(SimListener::new(tcp, shared.connections()), app)
+            .with_graceful_shutdown(async move {
+                // An error means the sender is gone, which is a shutdown as well.
+                let _ = stop.wait_for(|stopping| *stopping).await;
+            });
         let task = tokio::spawn(async move {
             if let Err(error) = server.await {
                 tracing::error!(%error, "money-sim server stopped with an error");

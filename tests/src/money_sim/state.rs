@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::body::{Endpoint, GrantBody};
+use super::listener::Connections;
 use super::window::{Admission, Windows};
 use super::{
     ActiveOutageState, FaultState, FaultUpdate, GrantRecord, LedgerSummary, OutageMode,
@@ -275,6 +276,7 @@ pub(crate) struct Shared {
     requests: Mutex<RequestLog>,
     hangs_total: AtomicU64,
     dropped_total: AtomicU64,
+    connections: Arc<Connections>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -302,6 +304,7 @@ impl Shared {
             }),
             hangs_total: AtomicU64::new(0),
             dropped_total: AtomicU64::new(0),
+            connections: Arc::default(),
             shutdown: watch::Sender::new(false),
         }
     }
@@ -522,6 +525,12 @@ impl Shared {
         }
         self.hangs_total.store(0, Ordering::Relaxed);
         self.dropped_total.store(0, Ordering::Relaxed);
+        self.connections.reset();
+    }
+
+    /// The listener's connection counts, which the ledger reports.
+    pub(crate) fn connections(&self) -> Arc<Connections> {
+        Arc::clone(&self.connections)
     }
 
     pub(crate) fn ledger(&self) -> LedgerSummary {
@@ -563,6 +572,9 @@ impl Shared {
             last_grant_ms: last,
             hangs_total: self.hangs_total.load(Ordering::Relaxed),
             connections_dropped_total: self.dropped_total.load(Ordering::Relaxed),
+            connections_accepted_total: self.connections.accepted_total(),
+            connections_open: self.connections.open_now(),
+            connections_open_peak: self.connections.peak_open(),
         }
     }
 
