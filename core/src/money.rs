@@ -46,7 +46,8 @@ pub const IDLE_CONNECTIONS_FOR: Duration = Duration::from_millis(128);
 /// The fewest idle connections kept, whatever the limit.
 pub const MIN_IDLE_CONNECTIONS: usize = 16;
 
-/// Idle connections worth keeping at `rate_per_sec`, never more than `max_in_flight`.
+/// Idle connections worth keeping at `rate_per_sec`: no more than `max_in_flight` (requests never
+/// need more), and never fewer than [`MIN_IDLE_CONNECTIONS`].
 ///
 /// The connection pool opens a connection whenever a request finds none idle, and keeps it
 /// after the moment has passed; it hands out the most recently used first, and the once-a-window
