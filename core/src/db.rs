@@ -10,6 +10,7 @@ use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures::FutureExt;
+use mysql_async::prelude::Queryable;
 use secrecy::{ExposeSecret, SecretString};
 
 /// The schema, compiled into the binary.
@@ -18,12 +19,13 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations");
 pub type DbPool = Pool<AsyncMysqlConnection>;
 pub type DbConn = Object<AsyncMysqlConnection>;
 
-const SESSION_SETUP: [&str; 3] = [
-    "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
-    "SET time_zone = '+00:00'",
-    // Fail a lock wait fast; callers retry (the default is 50 s).
-    "SET SESSION innodb_lock_wait_timeout = 10",
-];
+/// Every connection's session settings, sent once as one multi-statement query (one round trip)
+/// right after the connection is made. Not as mysql_async `init` commands: those are one round
+/// trip each, and with `prefer_socket` (its default) a TCP connection to a local server is
+/// replaced by one over the server's Unix socket and the commands run on it twice.
+/// `innodb_lock_wait_timeout`: fail a lock wait fast, callers retry (the default is 50 s).
+const SESSION_SETUP: &str = "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED; \
+     SET time_zone = '+00:00', innodb_lock_wait_timeout = 10";
 
 /// Database errors as the engine sees them.
 #[derive(Debug, thiserror::Error)]
@@ -60,13 +62,11 @@ pub struct DbSettings {
 async fn establish(url: &str) -> diesel::ConnectionResult<AsyncMysqlConnection> {
     let opts = mysql_async::Opts::from_url(url)
         .map_err(|e| diesel::ConnectionError::InvalidConnectionUrl(e.to_string()))?;
-    let builder = mysql_async::OptsBuilder::from_opts(opts)
-        .init(SESSION_SETUP.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-        .stmt_cache_size(0)
-        .client_found_rows(true);
-    let conn = mysql_async::Conn::new(builder)
-        .await
-        .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+    let builder =
+        mysql_async::OptsBuilder::from_opts(opts).stmt_cache_size(0).client_found_rows(true);
+    let bad = |e: mysql_async::Error| diesel::ConnectionError::BadConnection(e.to_string());
+    let mut conn = mysql_async::Conn::new(builder).await.map_err(bad)?;
+    conn.query_drop(SESSION_SETUP).await.map_err(bad)?;
     AsyncMysqlConnection::try_from(conn).await
 }
 

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Context;
 use chrono::Utc;
+use diesel_async::AsyncMysqlConnection;
 use payout_core::db::{DbPool, conn};
 use payout_core::domain::OperatorCommand;
 use payout_core::repo::{self, CampaignRow};
@@ -50,12 +51,11 @@ pub(crate) struct Progress {
     pub(crate) completed_at: Option<String>,
 }
 
-async fn progress(pool: &DbPool, row: CampaignRow) -> anyhow::Result<Progress> {
-    let mut c = conn(pool).await.context("cannot reach the database")?;
-    let p = repo::progress(&mut c, row.id())
+async fn progress(c: &mut AsyncMysqlConnection, row: CampaignRow) -> anyhow::Result<Progress> {
+    let p = repo::progress(c, row.id())
         .await?
         .with_context(|| format!("campaign {} does not exist", row.id))?;
-    let holders = payout_core::lease::holders(&mut c, row.id()).await?;
+    let holders = payout_core::lease::holders(c, row.id()).await?;
     let n = |v: i64| v.max(0) as u64;
     let counts: BTreeMap<&'static str, u64> = [
         (TargetStatus::Pending, n(p.pending)),
@@ -104,32 +104,25 @@ async fn progress(pool: &DbPool, row: CampaignRow) -> anyhow::Result<Progress> {
     })
 }
 
-/// `campaign status [ID]`: one campaign, or every campaign not yet COMPLETED.
+/// `campaign status [ID]`: one campaign, or every campaign not yet COMPLETED. Runs on one
+/// connection, made for it: operators call it while a daemon keeps the machine busy, and there
+/// every round trip to the database waits its turn for a CPU.
 pub(crate) async fn status(
-    pool: &DbPool,
+    c: &mut AsyncMysqlConnection,
     id: Option<i64>,
     json: bool,
-    watch: bool,
 ) -> anyhow::Result<()> {
-    if watch {
-        let id = id.context("--watch needs a campaign id")?;
-        return watch_progress(pool, id, json).await;
-    }
-    let mut c = conn(pool).await.context("cannot reach the database")?;
     let rows = match id {
         Some(id) => vec![
-            repo::campaign(&mut c, CampaignId(id))
+            repo::campaign(c, CampaignId(id))
                 .await?
                 .with_context(|| format!("campaign {id} does not exist"))?,
         ],
-        None => {
-            repo::campaigns(&mut c).await?.into_iter().filter(|r| r.status != "COMPLETED").collect()
-        }
+        None => repo::campaigns(c).await?.into_iter().filter(|r| r.status != "COMPLETED").collect(),
     };
-    drop(c);
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        out.push(progress(pool, row).await?);
+        out.push(progress(c, row).await?);
     }
     if json {
         let text = match (id, out.as_slice()) {
@@ -203,18 +196,20 @@ fn eta(secs: Option<f64>) -> String {
 }
 
 /// `campaign status ID --watch`: one progress line a second (a bar on a terminal) until the
-/// campaign is COMPLETED.
-async fn watch_progress(pool: &DbPool, id: i64, json: bool) -> anyhow::Result<()> {
+/// campaign is COMPLETED. Takes a pooled connection each second, so it rides out a database
+/// restart.
+pub(crate) async fn watch(pool: &DbPool, id: Option<i64>, json: bool) -> anyhow::Result<()> {
+    let id = id.context("--watch needs a campaign id")?;
     use std::io::{IsTerminal, Write};
     let tty = std::io::stdout().is_terminal() && !json;
     loop {
-        let row = {
+        let p = {
             let mut c = conn(pool).await.context("cannot reach the database")?;
-            repo::campaign(&mut c, CampaignId(id))
+            let row = repo::campaign(&mut c, CampaignId(id))
                 .await?
-                .with_context(|| format!("campaign {id} does not exist"))?
+                .with_context(|| format!("campaign {id} does not exist"))?;
+            progress(&mut c, row).await?
         };
-        let p = progress(pool, row).await?;
         let done = p.rows - p.rows_left;
         let share = if p.rows == 0 { 1.0 } else { done as f64 / p.rows as f64 };
         if json {
@@ -258,14 +253,13 @@ async fn watch_progress(pool: &DbPool, id: i64, json: bool) -> anyhow::Result<()
     }
 }
 
-/// `campaign list`: every campaign with its status and progress.
-pub(crate) async fn list(pool: &DbPool, json: bool) -> anyhow::Result<()> {
-    let mut c = conn(pool).await.context("cannot reach the database")?;
-    let rows = repo::campaigns(&mut c).await?;
-    drop(c);
+/// `campaign list`: every campaign with its status and progress (on one connection, as
+/// [`status`]).
+pub(crate) async fn list(c: &mut AsyncMysqlConnection, json: bool) -> anyhow::Result<()> {
+    let rows = repo::campaigns(c).await?;
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        out.push(progress(pool, row).await?);
+        out.push(progress(c, row).await?);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&out)?);

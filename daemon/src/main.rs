@@ -125,26 +125,27 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Campaign(c) => {
+            let (id, op) = match c {
+                // Reports run on one connection of their own (see `campaign::status`).
+                CampaignCommand::Status { id, json, watch: false } => {
+                    let mut c = run::connect_one(&settings).await?;
+                    return campaign::status(&mut c, id, json).await;
+                }
+                CampaignCommand::Status { id, json, watch: true } => {
+                    return campaign::watch(&run::connect(&settings).await?, id, json).await;
+                }
+                CampaignCommand::List { json } => {
+                    let mut c = run::connect_one(&settings).await?;
+                    return campaign::list(&mut c, json).await;
+                }
+                CampaignCommand::Start { id } => (id, OperatorCommand::Start),
+                CampaignCommand::Pause { id } => (id, OperatorCommand::Pause),
+                CampaignCommand::Resume { id } => (id, OperatorCommand::Resume),
+                CampaignCommand::Stop { id } => (id, OperatorCommand::Stop),
+            };
             let pool = run::connect(&settings).await?;
             let actor = format!("cli:{}", ident::os_user());
-            match c {
-                CampaignCommand::Start { id } => {
-                    campaign::command(&pool, id, OperatorCommand::Start, &actor).await
-                }
-                CampaignCommand::Pause { id } => {
-                    campaign::command(&pool, id, OperatorCommand::Pause, &actor).await
-                }
-                CampaignCommand::Resume { id } => {
-                    campaign::command(&pool, id, OperatorCommand::Resume, &actor).await
-                }
-                CampaignCommand::Stop { id } => {
-                    campaign::command(&pool, id, OperatorCommand::Stop, &actor).await
-                }
-                CampaignCommand::Status { id, json, watch } => {
-                    campaign::status(&pool, id, json, watch).await
-                }
-                CampaignCommand::List { json } => campaign::list(&pool, json).await,
-            }
+            campaign::command(&pool, id, op, &actor).await
         }
         Command::DeadLetters(c) => {
             let pool = run::connect(&settings).await?;

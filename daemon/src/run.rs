@@ -8,7 +8,7 @@ use anyhow::Context;
 use chrono::FixedOffset;
 use payout_core::KindRegistry;
 use payout_core::alerts::{AlertDelivery, FailureRateWatcher};
-use payout_core::db::{self, DbPool, DbSettings};
+use payout_core::db::{self, DbConn, DbPool, DbSettings};
 use payout_core::engine::{Engine, EngineSettings};
 use payout_core::money::{MoneyClient, MoneySettings, idle_connections_for};
 use payout_core::plan::PartitionRule;
@@ -39,11 +39,19 @@ pub(crate) fn kinds() -> KindRegistry {
 /// when it does not.
 pub(crate) async fn connect(settings: &Settings) -> anyhow::Result<DbPool> {
     let pool = pool(settings)?;
-    db::check(&pool).await.with_context(|| {
-        let url = settings.database_url().map(|u| u.to_string()).unwrap_or_default();
-        format!("cannot reach the database (database.url = {url})")
-    })?;
+    db::check(&pool).await.with_context(|| unreachable_database(settings))?;
     Ok(pool)
+}
+
+/// One connection for a short command, failing as [`connect`] does when the database cannot be
+/// reached, without its check query: the command's own first query follows at once.
+pub(crate) async fn connect_one(settings: &Settings) -> anyhow::Result<DbConn> {
+    db::conn(&pool(settings)?).await.with_context(|| unreachable_database(settings))
+}
+
+fn unreachable_database(settings: &Settings) -> String {
+    let url = settings.database_url().map(|u| u.to_string()).unwrap_or_default();
+    format!("cannot reach the database (database.url = {url})")
 }
 
 /// Builds the pool from the configuration (only `database.*` is needed).

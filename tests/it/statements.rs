@@ -131,3 +131,64 @@ async fn batch_statements_are_prepared_once_per_connection() -> anyhow::Result<(
     drop(c);
     db.drop_db().await
 }
+
+#[derive(QueryableByName)]
+struct Setting {
+    #[diesel(sql_type = Text)]
+    value: String,
+}
+
+/// One of this connection's own session variables or status counters.
+async fn session_value(
+    c: &mut diesel_async::AsyncMysqlConnection,
+    sql: &str,
+) -> anyhow::Result<String> {
+    let rows: Vec<Setting> = diesel::sql_query(sql).load(c).await?;
+    rows.into_iter().next().map(|r| r.value).ok_or_else(|| anyhow::anyhow!("no row for {sql}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_connection_claims_at_read_committed_in_utc_after_one_setup() -> anyhow::Result<()> {
+    let _timing = shared().await;
+    let db = TestDb::new().await?;
+    let pool = db::pool(&DbSettings {
+        url: SecretString::from(db.url.clone()),
+        pool_size: 2,
+        connect_timeout: Duration::from_secs(10),
+    })?;
+    let mut a = db::conn(&pool).await?;
+    let mut b = db::conn(&pool).await?;
+    for c in [&mut a, &mut b] {
+        // MariaDB before 11.1 names it tx_isolation, MySQL 8 transaction_isolation.
+        let isolation =
+            match session_value(c, "SELECT CAST(@@SESSION.tx_isolation AS CHAR) AS value").await {
+                Ok(v) => v,
+                Err(_) => {
+                    session_value(
+                        c,
+                        "SELECT CAST(@@SESSION.transaction_isolation AS CHAR) AS value",
+                    )
+                    .await?
+                }
+            };
+        assert_eq!(isolation, "READ-COMMITTED");
+        let zone = session_value(c, "SELECT CAST(@@SESSION.time_zone AS CHAR) AS value").await?;
+        assert_eq!(zone, "+00:00");
+        let wait =
+            session_value(c, "SELECT CAST(@@SESSION.innodb_lock_wait_timeout AS CHAR) AS value")
+                .await?;
+        assert_eq!(wait, "10");
+        // The session was set up once: payoutd's two SET statements (one round trip) and
+        // diesel-async's four. As mysql_async `init` commands, ours ran twice on a connection
+        // it moved from TCP to the server's Unix socket (10 SETs).
+        let sets = session_value(
+            c,
+            "SELECT VARIABLE_VALUE AS value FROM information_schema.SESSION_STATUS \
+             WHERE VARIABLE_NAME = 'COM_SET_OPTION'",
+        )
+        .await?;
+        assert!(sets.parse::<i64>()? <= 6, "{sets} SET statements on one connection");
+    }
+    drop((a, b));
+    db.drop_db().await
+}
