@@ -31,7 +31,7 @@
 //! | `money.api_key` | `PAYOUTD_MONEY__API_KEY` | required by `payoutd run` unless `money.api_key_file` is set or the systemd credential `money-api-key` (`$CREDENTIALS_DIRECTORY/money-api-key`) exists |
 //! | `money.api_key_file` | `PAYOUTD_MONEY__API_KEY_FILE` | none; a file holding `money.api_key` |
 //! | `money.rate_limit_per_sec` | `PAYOUTD_MONEY__RATE_LIMIT_PER_SEC` | `1000` (at least 1): requests per second, across all campaigns |
-//! | `money.rate_slack` | `PAYOUTD_MONEY__RATE_SLACK` | `6ms` (0 to 200ms): time kept free in every one-second window for uneven delay on the way to Money; each ms costs 0.1 % of throughput |
+//! | `money.rate_slack` | `PAYOUTD_MONEY__RATE_SLACK` | `4ms` (0 to 200ms): time kept free in every one-second window for uneven delay on the way to Money; each ms costs 0.1 % of throughput |
 //! | `money.rate_reserve` | `PAYOUTD_MONEY__RATE_RESERVE` | `2` (0 to 100): places per 1,000 of the limit kept free in every window for single requests held up longer than the slack after they left (a stalled thread); each costs 0.1 % of throughput |
 //! | `money.timeout` | `PAYOUTD_MONEY__TIMEOUT` | `3s` (above 0): one request, connect to last byte |
 //! | `money.max_in_flight` | `PAYOUTD_MONEY__MAX_IN_FLIGHT` | `512` (at least 1): requests awaiting an answer at once; it must cover the limit × Money's slowest usual latency (1,000/s × 0.3 s = 300) |

@@ -26,7 +26,7 @@ async fn a_small_benchmark_run_writes_sane_figures() -> anyhow::Result<()> {
         quiet: true,
         // CI's shared cores, loaded by the other tests and running the debug build, stall the
         // processes by 10-30 ms now and then (`payout-bench --transit` measures 7-20 ms on a
-        // quiet machine), more than the 6 ms default slack is made for; one CI run saw 1,003
+        // quiet machine), more than the 4 ms default slack is made for; one CI run saw 1,003
         // arrivals in a second with 30 ms. This run checks the command, not the slack.
         daemon_env: vec![("PAYOUTD_MONEY__RATE_SLACK".to_owned(), "60ms".to_owned())],
         // The daemon logs each request's admission and departure; the bench pairs admissions

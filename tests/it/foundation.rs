@@ -172,7 +172,7 @@ async fn paced_at_200(rows: usize, most: usize, env: &[(&str, &str)]) -> anyhow:
     db.exec("UPDATE campaigns SET status = 'RUNNING' WHERE id = 5").await?;
     // `money.rate_slack` is the time kept free in every window for uneven delay between the
     // daemon and Money. On a shared 2-core CI machine the test process, the daemon and MariaDB
-    // stall each other now and then by 10-20 ms, more than the 6 ms default is made for (a
+    // stall each other now and then by 10-20 ms, more than the 4 ms default is made for (a
     // quiet datacentre link): these tests give it 30 ms (3 % of throughput), so that what they
     // check is the limiter, not the machine's scheduler.
     let mut vars =
