@@ -40,17 +40,22 @@ struct Sum {
     n: i64,
 }
 
+/// A pool of two connections to the test's database, made as the daemon makes them.
+fn two_connections(db: &TestDb) -> anyhow::Result<db::DbPool> {
+    Ok(db::pool(&DbSettings {
+        url: SecretString::from(db.url.clone()),
+        pool_size: 2,
+        connect_timeout: Duration::from_secs(10),
+    })?)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn batch_statements_are_prepared_once_per_connection() -> anyhow::Result<()> {
     let _timing = shared().await;
     let db = TestDb::new().await?;
     db.campaign(C.0, "POINT", "reuse").await?;
     db.load_points(C.0, &point_rows(2_000)).await?;
-    let pool = db::pool(&DbSettings {
-        url: SecretString::from(db.url.clone()),
-        pool_size: 2,
-        connect_timeout: Duration::from_secs(10),
-    })?;
+    let pool = two_connections(&db)?;
     let mut c = db::conn(&pool).await?;
     let slice = slices(1)[0];
     let before = prepares(&mut c).await?;
@@ -151,11 +156,7 @@ async fn session_value(
 async fn every_connection_claims_at_read_committed_in_utc_after_one_setup() -> anyhow::Result<()> {
     let _timing = shared().await;
     let db = TestDb::new().await?;
-    let pool = db::pool(&DbSettings {
-        url: SecretString::from(db.url.clone()),
-        pool_size: 2,
-        connect_timeout: Duration::from_secs(10),
-    })?;
+    let pool = two_connections(&db)?;
     let mut a = db::conn(&pool).await?;
     let mut b = db::conn(&pool).await?;
     for c in [&mut a, &mut b] {
