@@ -269,7 +269,13 @@ impl Partitioning {
                 ("PAYOUTD_EXECUTOR__PARTITIONS_MEDIUM_FROM".to_owned(), medium_from.to_string()),
                 ("PAYOUTD_EXECUTOR__PARTITIONS_LARGE_FROM".to_owned(), large_from.to_string()),
             ],
-            _ => Vec::new(),
+            // The daemon's re-plan check would move a stored plan to the rule's count once the
+            // remaining rows are counted (1 → 4 after 30 s at 200,000 rows): a forced count
+            // holds for the whole run unless `--daemon-env` sets the check again.
+            Partitioning::StoredPlan(_) => {
+                vec![("PAYOUTD_EXECUTOR__REPLAN_CHECK".to_owned(), "0s".to_owned())]
+            }
+            Partitioning::Rule => Vec::new(),
         }
     }
 
@@ -281,7 +287,7 @@ impl Partitioning {
             }
             Partitioning::StoredPlan(n) => format!(
                 "a stored plan of {n} written by the bench before RUNNING \
-                 (the rule only gives 4, 6 or 8)"
+                 (the rule only gives 4, 6 or 8), re-planning off"
             ),
         }
     }
@@ -1273,6 +1279,9 @@ mod tests {
         }
         let cfg = BenchConfig { partitions: Some(2), ..BenchConfig::default() };
         assert_eq!(Partitioning::for_config(&cfg), Partitioning::StoredPlan(2));
+        let replan_off = ("PAYOUTD_EXECUTOR__REPLAN_CHECK".to_owned(), "0s".to_owned());
+        assert_eq!(Partitioning::StoredPlan(2).env(), vec![replan_off]);
+        assert!(Partitioning::Rule.env().is_empty());
         assert_eq!(Partitioning::for_config(&BenchConfig::default()).count(200_000), 4);
     }
 
