@@ -184,9 +184,26 @@ struct SendWindow {
     length: Duration,
     /// Places taken from the first window after the log was empty (see [`COLD_START_SLACK`]).
     cold_start: usize,
-    /// The shortest time between two admissions in the long run (see [`SPREAD`]); zero: none.
-    spread: Duration,
+    /// How admissions are spaced (see [`SPREAD`]); none at high limits.
+    spread: Option<Spread>,
     log: Mutex<SendLog>,
+}
+
+/// The spacing of admissions, GCRA-style: `every` apart in the long run, and up to `ahead` of
+/// that schedule back to back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Spread {
+    every: Duration,
+    ahead: Duration,
+}
+
+impl Spread {
+    /// The spread for a pacing `period`; none where it would space by less than [`SPREAD_MIN`].
+    fn for_period(period: Duration) -> Option<Spread> {
+        let every = period / SPREAD;
+        (every >= SPREAD_MIN)
+            .then(|| Spread { every, ahead: (every * (SPREAD_BURST - 1)).max(SPREAD_BURST_TIME) })
+    }
 }
 
 /// Sends in the current window, oldest first, and the places a cold start holds.
@@ -271,15 +288,13 @@ impl SendWindow {
             log.held = Some((now, self.cold_start));
         }
         if log.taken() < self.limit {
-            if !self.spread.is_zero() {
-                // GCRA: due advances by `spread` an admission and may run ahead of now by
-                // `SPREAD_BURST - 1` of them, or `SPREAD_BURST_TIME` at high limits.
+            if let Some(spread) = self.spread {
+                // GCRA: due advances by `every` an admission and may run `ahead` of now.
                 let due = log.spread_due.map_or(now, |d| d.max(now));
-                let ahead = (self.spread * (SPREAD_BURST - 1)).max(SPREAD_BURST_TIME);
-                if due > now + ahead {
-                    return Err(due - ahead - now);
+                if due > now + spread.ahead {
+                    return Err(due - spread.ahead - now);
                 }
-                log.spread_due = Some(due + self.spread);
+                log.spread_due = Some(due + spread.every);
             }
             log.record(now);
             return Ok(());
@@ -317,7 +332,7 @@ impl Current {
             limit: capacity.get() as usize,
             length: pacing.window,
             cold_start: cold_start_places(limit),
-            spread: Some(pacing.period / SPREAD).filter(|&s| s >= SPREAD_MIN).unwrap_or_default(),
+            spread: Spread::for_period(pacing.period),
             log: Mutex::new(SendLog::default()),
         };
         Current {
@@ -442,7 +457,7 @@ mod tests {
             limit,
             length: Duration::from_secs(1),
             cold_start,
-            spread: Duration::ZERO,
+            spread: None,
             log: Mutex::new(SendLog::default()),
         }
     }
@@ -481,11 +496,16 @@ mod tests {
 
     /// The most arrivals in any half-open one-second window (Money's count).
     fn densest_second(arrivals: &mut [Duration]) -> usize {
-        arrivals.sort();
+        densest(arrivals, Duration::from_secs(1))
+    }
+
+    /// The most of `times` within any `span`.
+    fn densest(times: &mut [Duration], span: Duration) -> usize {
+        times.sort();
         let mut most = 0;
         let mut first = 0;
-        for (last, &at) in arrivals.iter().enumerate() {
-            while at - arrivals[first] >= Duration::from_secs(1) {
+        for (last, &at) in times.iter().enumerate() {
+            while at - times[first] >= span {
                 first += 1;
             }
             most = most.max(last - first + 1);
@@ -501,7 +521,7 @@ mod tests {
         let mut current = Current::new(nz(1000), slack, reserve);
         current.window.cold_start = 0;
         // Without the spread, which only narrows what a window may carry at once.
-        current.window.spread = Duration::ZERO;
+        current.window.spread = None;
         let t0 = Instant::now();
         let mut arrivals = Vec::new();
         let mut seed = 12345u64;
@@ -543,7 +563,6 @@ mod tests {
         let mut current = Current::new(nz(1000), DEFAULT_SLACK, DEFAULT_RESERVE);
         current.window.cold_start = 0;
         let period = current.pacing.period;
-        assert_eq!(current.window.spread, period / SPREAD);
         let t0 = Instant::now();
         let mut admitted = Vec::new();
         for step in 0..30_120u64 {
@@ -554,31 +573,23 @@ mod tests {
         }
         // Three windows of 1.004 s: 998 places each.
         assert_eq!(admitted.len(), 3 * 998);
-        let densest = |span: Duration| {
-            let mut most = 0;
-            let mut first = 0;
-            for (last, &t) in admitted.iter().enumerate() {
-                while admitted[first] + span <= t {
-                    first += 1;
-                }
-                most = most.max(last - first + 1);
-            }
-            most
-        };
-        assert_eq!(densest(Duration::from_micros(100)), SPREAD_BURST as usize);
-        let per_5ms = densest(Duration::from_millis(5));
+        let spread = current.window.spread.expect("a spread at 1,000/s").every;
+        assert_eq!(spread, period / SPREAD);
+        assert_eq!(densest(&mut admitted, Duration::from_micros(100)), SPREAD_BURST as usize);
+        let per_5ms = densest(&mut admitted, Duration::from_millis(5));
         let bound = SPREAD_BURST as usize
-            + (Duration::from_millis(5).as_nanos() / current.window.spread.as_nanos()) as usize;
+            + (Duration::from_millis(5).as_nanos() / spread.as_nanos()) as usize;
         assert!(per_5ms <= bound, "{per_5ms} admitted within 5 ms, bound {bound}");
         // At a high limit a millisecond's worth goes out back to back; above some 50,000/s
         // there is no spread.
         let mut high = Current::new(nz(20_000), DEFAULT_SLACK, DEFAULT_RESERVE);
         high.window.cold_start = 0;
         let back_to_back = (0..5_000).take_while(|_| high.window.try_admit(t0).is_ok()).count();
-        let expected = (SPREAD_BURST_TIME.as_nanos() / high.window.spread.as_nanos()) as usize + 1;
+        let every = high.window.spread.expect("a spread at 20,000/s").every;
+        let expected = (SPREAD_BURST_TIME.as_nanos() / every.as_nanos()) as usize + 1;
         assert_eq!(back_to_back, expected);
         assert!(
-            Current::new(nz(1_000_000), DEFAULT_SLACK, DEFAULT_RESERVE).window.spread.is_zero()
+            Current::new(nz(1_000_000), DEFAULT_SLACK, DEFAULT_RESERVE).window.spread.is_none()
         );
         // The spread costs nothing when senders come at the pace.
         let mut spread_free = Current::new(nz(1000), DEFAULT_SLACK, DEFAULT_RESERVE);
