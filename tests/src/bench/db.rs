@@ -118,6 +118,18 @@ impl BenchDb {
         Ok(self.conn().await?.query(sql).await?)
     }
 
+    /// InnoDB's undo history (`trx_rseg_history_len`: committed transactions whose old row
+    /// versions purge has not yet removed), server-wide; `None` where the metric is off.
+    pub async fn undo_history(&self) -> anyhow::Result<Option<u64>> {
+        let n: Option<(i64, i64)> = self
+            .first(
+                "SELECT `COUNT`, `ENABLED` FROM information_schema.INNODB_METRICS \
+                 WHERE `NAME` = 'trx_rseg_history_len'",
+            )
+            .await?;
+        Ok(n.filter(|(_, on)| *on != 0).map(|(count, _)| count.max(0) as u64))
+    }
+
     /// Drops the database and closes the pools.
     pub async fn drop_db(self) -> anyhow::Result<()> {
         let _ = self.pool.disconnect().await;

@@ -55,6 +55,13 @@ pub struct DbOnlyReport {
     pub machine_cpu_busy_pct: Option<f64>,
     /// CPU seconds used during the pass by processes other than MariaDB and the bench.
     pub other_cpu_secs: Option<f64>,
+    /// InnoDB's undo history (`trx_rseg_history_len`) before the pass and right after it:
+    /// the old row versions the pass left for purge to remove.
+    pub undo_history_before: Option<u64>,
+    pub undo_history_after: Option<u64>,
+    /// How long the bench then waited for purge to catch up (`--db-ceiling`), so that the
+    /// end-to-end run does not pay for this pass's clean-up.
+    pub purge_wait_secs: Option<f64>,
 }
 
 #[derive(Default)]
@@ -180,6 +187,9 @@ pub async fn run(
         mariadb_cpu_secs: db_cpu.map(r3),
         machine_cpu_busy_pct: busy_pct,
         other_cpu_secs: other,
+        undo_history_before: None,
+        undo_history_after: None,
+        purge_wait_secs: None,
     })
 }
 
