@@ -70,6 +70,31 @@ async fn establish(url: &str) -> diesel::ConnectionResult<AsyncMysqlConnection> 
     AsyncMysqlConnection::try_from(conn).await
 }
 
+/// One connection for a short command (`campaign status`, `campaign list`), in fewer round
+/// trips than a pooled one: operators run these while a daemon keeps the machine busy, and there
+/// every round trip waits its turn for a CPU. It stays on the connection the URL names
+/// (mysql_async otherwise asks a local server for its Unix socket and connects again there:
+/// a second handshake), and diesel-async's four session commands go as text init commands, one
+/// round trip each ([`AsyncMysqlConnection::try_from`], which the pool's connections go
+/// through, prepares and runs each: two). The session settings are the pool's.
+pub async fn connect_one(url: &str, timeout: Duration) -> Result<AsyncMysqlConnection, DbError> {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    let url = if url.contains("prefer_socket=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&prefer_socket=false")
+    } else {
+        format!("{url}?prefer_socket=false")
+    };
+    let failed = |e: String| DbError::Pool(tidy(&scrub(&e)));
+    let mut conn = tokio::time::timeout(timeout, AsyncMysqlConnection::establish(&url))
+        .await
+        .map_err(|_| failed(format!("no connection within {timeout:?}")))?
+        .map_err(|e| failed(e.to_string()))?;
+    conn.batch_execute(SESSION_SETUP).await?;
+    Ok(conn)
+}
+
 /// Builds the pool; connections are opened lazily. Use [`check`] to fail fast at start.
 pub fn pool(settings: &DbSettings) -> Result<DbPool, DbError> {
     let mut config = ManagerConfig::default();

@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::FixedOffset;
+use diesel_async::AsyncMysqlConnection;
 use payout_core::KindRegistry;
 use payout_core::alerts::{AlertDelivery, FailureRateWatcher};
-use payout_core::db::{self, DbConn, DbPool, DbSettings};
+use payout_core::db::{self, DbPool, DbSettings};
 use payout_core::engine::{Engine, EngineSettings};
 use payout_core::money::{MoneyClient, MoneySettings, idle_connections_for};
 use payout_core::plan::PartitionRule;
@@ -45,8 +46,11 @@ pub(crate) async fn connect(settings: &Settings) -> anyhow::Result<DbPool> {
 
 /// One connection for a short command, failing as [`connect`] does when the database cannot be
 /// reached, without its check query: the command's own first query follows at once.
-pub(crate) async fn connect_one(settings: &Settings) -> anyhow::Result<DbConn> {
-    db::conn(&pool(settings)?).await.with_context(|| unreachable_database(settings))
+pub(crate) async fn connect_one(settings: &Settings) -> anyhow::Result<AsyncMysqlConnection> {
+    let url = settings.database_url()?;
+    db::connect_one(url.expose(), settings.database.connect_timeout)
+        .await
+        .with_context(|| unreachable_database(settings))
 }
 
 fn unreachable_database(settings: &Settings) -> String {
@@ -285,6 +289,27 @@ async fn watchdog(health: Arc<crate::schedule::JobHealth>, shutdown: Cancellatio
     }
 }
 
+/// The allocator's own figures, in MiB with two decimals (empty where jemalloc cannot say):
+/// `allocated` is what live objects take, `resident` the pages jemalloc holds in RAM for them and
+/// for what it keeps to reuse. Resident growing while allocated stays flat is the allocator's
+/// keeping, not a leak.
+struct Heap {
+    allocated: String,
+    resident: String,
+}
+
+impl Heap {
+    fn now() -> Heap {
+        use tikv_jemalloc_ctl::{epoch, stats};
+        let mib = |v: Result<usize, _>| {
+            v.map(|b| format!("{:.2}", b as f64 / (1024.0 * 1024.0))).unwrap_or_default()
+        };
+        // The statistics are a snapshot taken at the last epoch.
+        let _ = epoch::advance();
+        Heap { allocated: mib(stats::allocated::read()), resident: mib(stats::resident::read()) }
+    }
+}
+
 /// The throughput line: every interval, one structured line per RUNNING campaign (rows finished
 /// per second over the interval, counts, failure rate) and the process's request rate; the
 /// campaign's current rate is also stored for `campaign status`.
@@ -329,6 +354,7 @@ impl Throughput {
                 .collect();
             (secs, rps, previous)
         };
+        let heap = Heap::now();
         for p in &rows {
             let done = (p.succeeded + p.dead).max(0) as u64;
             let rate = previous
@@ -361,6 +387,8 @@ impl Throughput {
                     .quantile_ms(0.99)
                     .map(|v| format!("{v:.1}"))
                     .unwrap_or_default(),
+                heap_allocated_mib = heap.allocated,
+                heap_resident_mib = heap.resident,
                 "throughput"
             );
         }

@@ -193,3 +193,49 @@ async fn every_connection_claims_at_read_committed_in_utc_after_one_setup() -> a
     drop((a, b));
     db.drop_db().await
 }
+
+/// `SELECT` one value of this connection's own session as text.
+async fn own(c: &mut diesel_async::AsyncMysqlConnection, what: &str) -> anyhow::Result<String> {
+    session_value(c, &format!("SELECT CAST({what} AS CHAR) AS value")).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_connection_has_the_pool_settings_in_fewer_round_trips() -> anyhow::Result<()> {
+    let _timing = shared().await;
+    let db = TestDb::new().await?;
+    let mut one = db::connect_one(&db.url, Duration::from_secs(10)).await?;
+    let pool = two_connections(&db)?;
+    let mut pooled = db::conn(&pool).await?;
+    for c in [&mut one, &mut *pooled] {
+        let isolation = match own(c, "@@SESSION.tx_isolation").await {
+            Ok(v) => v,
+            Err(_) => own(c, "@@SESSION.transaction_isolation").await?,
+        };
+        assert_eq!(isolation, "READ-COMMITTED");
+        assert_eq!(own(c, "@@SESSION.time_zone").await?, "+00:00");
+        assert_eq!(own(c, "@@SESSION.innodb_lock_wait_timeout").await?, "10");
+        assert_eq!(own(c, "@@SESSION.character_set_results").await?, "utf8mb4");
+    }
+    // Counted before any other statement of ours: the reading statement's own prepare is the
+    // one. The pooled connection's setup prepared diesel-async's four SETs as well.
+    let mut fresh_one = db::connect_one(&db.url, Duration::from_secs(10)).await?;
+    assert_eq!(prepares(&mut fresh_one).await?, 1, "the command connection prepared its setup");
+    let fresh_pool = two_connections(&db)?;
+    let mut fresh_pooled = db::conn(&fresh_pool).await?;
+    assert_eq!(prepares(&mut fresh_pooled).await?, 5);
+    // It stays on TCP where the URL names a local server by address: a pooled connection is
+    // moved to the server's Unix socket (a second handshake), where the server sees "localhost".
+    if db.url.contains("@127.0.0.1") {
+        let host = |c| {
+            own(c, "(SELECT HOST FROM information_schema.PROCESSLIST WHERE ID = CONNECTION_ID())")
+        };
+        assert!(host(&mut one).await?.starts_with("127.0.0.1"));
+        assert_eq!(host(&mut pooled).await?, "localhost");
+    }
+    // A bad URL is named as a connection failure, without the password.
+    let bad = "mysql://root:secret@127.0.0.1:1/payoutd";
+    let err = db::connect_one(bad, Duration::from_secs(5)).await.err().expect("port 1 answered");
+    assert!(!err.to_string().contains("secret"), "{err}");
+    drop((one, pooled, fresh_one, fresh_pooled));
+    db.drop_db().await
+}

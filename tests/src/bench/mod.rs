@@ -200,11 +200,14 @@ impl BenchConfig {
             bail!("--max-in-flight must be at least 1");
         }
         for (k, _) in &self.daemon_env {
-            // The daemon's configuration, and the runtime's and allocator's own knobs.
-            if !["PAYOUTD_", "TOKIO_", "MALLOC_", "GLIBC_TUNABLES"].iter().any(|p| k.starts_with(p))
+            // The daemon's configuration, and the runtime's and allocator's own knobs
+            // (`_RJEM_MALLOC_CONF`: the daemon's jemalloc, whose symbols are prefixed).
+            if !["PAYOUTD_", "TOKIO_", "MALLOC_", "_RJEM_MALLOC_", "GLIBC_TUNABLES"]
+                .iter()
+                .any(|p| k.starts_with(p))
             {
                 bail!(
-                    "--daemon-env {k}: only PAYOUTD_*, TOKIO_*, MALLOC_* and GLIBC_TUNABLES variables"
+                    "--daemon-env {k}: only PAYOUTD_*, TOKIO_*, MALLOC_*, _RJEM_MALLOC_* and GLIBC_TUNABLES variables"
                 );
             }
         }

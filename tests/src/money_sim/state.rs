@@ -332,6 +332,10 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn new(cfg: &SimConfig) -> Self {
         let baseline_faults = Faults::from_config(cfg);
+        // Made (and their memory touched) before the clock starts: a child process's clock is
+        // taken by its parent when it reports it listens.
+        let store = Mutex::new(Store::with_capacity(cfg.expected_grants));
+        let requests = Mutex::new(RequestLog::with_capacity(cfg.expected_grants));
         Shared {
             api_key: cfg.api_key.as_bytes().into(),
             not_found_prefix: cfg.not_found_prefix.clone(),
@@ -345,9 +349,9 @@ impl Shared {
                 .unwrap_or(0),
             windows: Mutex::new(Windows::new(cfg.rate_limit_per_sec)),
             faults: Mutex::new(baseline_faults),
-            store: Mutex::new(Store::with_capacity(cfg.expected_grants)),
+            store,
             statuses: StatusCounters::new(),
-            requests: Mutex::new(RequestLog::with_capacity(cfg.expected_grants)),
+            requests,
             hangs_total: AtomicU64::new(0),
             dropped_total: AtomicU64::new(0),
             connections: Arc::default(),
