@@ -1307,6 +1307,19 @@ const IDLE_LOOK: Duration = Duration::from_millis(50);
 /// Rows of a partition's first claim (see [`Worker::step`]).
 const FIRST_CLAIM: u32 = 100;
 
+/// Batches a campaign may hold claimed and not yet committed, shared out over its partitions
+/// (see [`outstanding_bound`]).
+const CAMPAIGN_OUTSTANDING_BATCHES: usize = 8;
+
+/// Rows one partition may hold claimed and not yet committed: its share of
+/// [`CAMPAIGN_OUTSTANDING_BATCHES`], and never less than one batch. The bound is per campaign so
+/// that the daemon's memory does not grow with the partition count (4 partitions get two
+/// batches each, 8 get one, 1 gets all 8).
+fn outstanding_bound(batch_size: u32, partitions: u16) -> usize {
+    let batch = batch_size.max(1) as usize;
+    (CAMPAIGN_OUTSTANDING_BATCHES * batch / usize::from(partitions.max(1))).max(batch)
+}
+
 /// The lease step's period while partitions change hands (see [`Held::in_transition`]).
 const TRANSITION_STEP: Duration = Duration::from_millis(100);
 
@@ -1556,10 +1569,10 @@ impl Worker {
 
     /// Claims one batch and queues its requests. Returns the number of rows claimed.
     async fn step(&self) -> Result<usize, DbError> {
-        // Flow control: claim again only while fewer than two batches of this partition wait
-        // for their outcomes to be committed. Without it, sends outrunning the write-back (no
-        // rate limit, a slow database) piled outcomes up in memory without bound.
-        let most = 2 * self.settings.batch_size as usize;
+        // Flow control: claim again only while this partition's share of the campaign's bound
+        // waits for its outcomes to be committed. Without it, sends outrunning the write-back
+        // (no rate limit, a slow database) piled outcomes up in memory without bound.
+        let most = outstanding_bound(self.settings.batch_size, self.slice.partition_count);
         while self.outstanding.load(Ordering::SeqCst) >= most {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(5)) => {}
@@ -1958,6 +1971,20 @@ impl Writer {
 mod tests {
     use super::*;
     use crate::money::Granted;
+
+    #[test]
+    fn rows_in_hand_are_shared_out_over_the_partitions() {
+        assert_eq!(outstanding_bound(250, 4), 500);
+        assert_eq!(outstanding_bound(250, 8), 250);
+        assert_eq!(outstanding_bound(250, 6), 333);
+        assert_eq!(outstanding_bound(250, 1), 2000);
+        assert_eq!(outstanding_bound(1000, 16), 1000, "never less than one batch");
+        assert_eq!(outstanding_bound(250, 0), 2000);
+        assert_eq!(outstanding_bound(0, 4), 2);
+        for n in 1..=8u16 {
+            assert!(outstanding_bound(250, n) * usize::from(n) <= 2000, "{n} partitions");
+        }
+    }
 
     #[test]
     fn latency_quantiles_come_within_a_bucket() {
