@@ -24,7 +24,7 @@ use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl};
 
 use crate::domain::{CampaignId, CampaignStatus, OperatorCommand, TargetId, TargetStatus};
 use crate::plan::{PartitionRule, PartitionSlice, slices};
-use crate::reused::{Reused, padded, shape};
+use crate::reused::{MOST_ROWS, Reused, padded, shape};
 
 type QResult<T> = Result<T, diesel::result::Error>;
 
@@ -788,16 +788,19 @@ where
             if rows.is_empty() {
                 return Ok::<_, diesel::result::Error>(rows);
             }
-            let mut q = Reused::new(format!(
-                "UPDATE {table} SET status = 'IN_FLIGHT', claimed_by = ?, updated_at = NOW(3) \
-                 WHERE id IN ({})",
-                placeholders(shape(rows.len()))
-            ))
-            .text(token.to_string());
-            for r in padded(&rows) {
-                q = q.big(r.claim.id);
+            let ids: Vec<i64> = rows.iter().map(|r| r.claim.id).collect();
+            for chunk in ids.chunks(MOST_ROWS) {
+                let mut q = Reused::new(format!(
+                    "UPDATE {table} SET status = 'IN_FLIGHT', claimed_by = ?, updated_at = NOW(3) \
+                     WHERE id IN ({})",
+                    placeholders(shape(chunk.len()))
+                ))
+                .text(token.to_string());
+                for &id in padded(chunk) {
+                    q = q.big(id);
+                }
+                q.execute(c).await?;
             }
-            q.execute(c).await?;
             Ok::<_, diesel::result::Error>(rows)
         })
         .await?;
@@ -953,33 +956,37 @@ pub async fn write_outcomes(
         if !granted.is_empty() {
             // Normally from IN_FLIGHT; a success found on a DEAD row (a race with a person's
             // action) still wins, and moves the row between the counters.
-            // One statement over the rows by primary key, each row's transaction id picked by a
-            // CASE. A join with a derived table of one `SELECT` per row (as the rarer outcome
+            // One statement over the rows by primary key (per [`MOST_ROWS`] rows), each row's
+            // transaction id picked by a CASE. A join with a derived table of one `SELECT` per row (as the rarer outcome
             // classes below use) makes MariaDB fill and read a temporary table per batch: two
             // temporary-table writes and two reads per row, about 15 % more CPU for the
             // statement (measured on 100,000 rows in batches of 250).
-            let places = shape(granted.len());
-            for from in ["status NOT IN ('SUCCEEDED', 'DEAD')", "status = 'DEAD'"] {
-                let mut q = Reused::new(format!(
-                    "UPDATE {table} SET status = 'SUCCEEDED', transaction_id = {}, \
-                     last_error = NULL, attempts = attempts + 1, next_attempt_at = NULL, \
-                     updated_at = NOW(3) WHERE id IN ({}) AND {from}",
-                    case_by_id(places),
-                    placeholders(places)
-                ));
-                for (o, tx) in padded(&granted) {
-                    q = q.big(o.target.0).text(truncate(tx, 128));
-                }
-                for (o, _) in padded(&granted) {
-                    q = q.big(o.target.0);
-                }
-                let n = q.execute(c).await? as i64;
-                succeeded_delta += n;
-                if from.contains("= 'DEAD'") {
-                    dead_delta -= n;
-                }
-                if succeeded_delta as usize >= granted.len() {
-                    break;
+            for chunk in granted.chunks(MOST_ROWS) {
+                let places = shape(chunk.len());
+                let mut updated = 0;
+                for from in ["status NOT IN ('SUCCEEDED', 'DEAD')", "status = 'DEAD'"] {
+                    let mut q = Reused::new(format!(
+                        "UPDATE {table} SET status = 'SUCCEEDED', transaction_id = {}, \
+                         last_error = NULL, attempts = attempts + 1, next_attempt_at = NULL, \
+                         updated_at = NOW(3) WHERE id IN ({}) AND {from}",
+                        case_by_id(places),
+                        placeholders(places)
+                    ));
+                    for (o, tx) in padded(chunk) {
+                        q = q.big(o.target.0).text(truncate(tx, 128));
+                    }
+                    for (o, _) in padded(chunk) {
+                        q = q.big(o.target.0);
+                    }
+                    let n = q.execute(c).await?;
+                    updated += n;
+                    succeeded_delta += n as i64;
+                    if from.contains("= 'DEAD'") {
+                        dead_delta -= n as i64;
+                    }
+                    if updated >= chunk.len() {
+                        break;
+                    }
                 }
             }
         }

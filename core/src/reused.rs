@@ -49,8 +49,16 @@ impl Reused {
     }
 }
 
+/// Most rows one statement with placeholders per row is written for: longer lists are split
+/// into statements of this many rows (within the caller's transaction). The statement cache
+/// keeps, for every text, MariaDB's description of each placeholder (about 200 bytes of heap
+/// apiece), so a connection's cache stays below one text per power of two up to this many rows
+/// per statement, whatever the batch and flush sizes (an uncapped 1,000-row flush of granted
+/// rows was a 3,072-placeholder text of some 600 KB, on each of the pool's connections in time).
+pub(crate) const MOST_ROWS: usize = 256;
+
 /// The row count a statement with one or more placeholders per row is written for: `rows`
-/// rounded up to a power of two. The caller fills the extra places by repeating its last row,
+/// rounded up to a power of two (callers split lists longer than [`MOST_ROWS`] first). The caller fills the extra places by repeating its last row,
 /// which changes nothing in `IN (...)` lists and `CASE` branches.
 pub(crate) fn shape(rows: usize) -> usize {
     rows.max(1).next_power_of_two()
@@ -110,6 +118,19 @@ mod tests {
     #[test]
     fn shapes_are_powers_of_two() {
         assert_eq!([0, 1, 2, 3, 5, 250, 256, 257].map(shape), [1, 1, 2, 4, 8, 256, 256, 512]);
+    }
+
+    #[test]
+    fn split_lists_have_at_most_nine_shapes() {
+        let mut seen = std::collections::BTreeSet::new();
+        for n in 1..=3_000usize {
+            let items: Vec<usize> = (0..n).collect();
+            for chunk in items.chunks(MOST_ROWS) {
+                seen.insert(shape(chunk.len()));
+                assert_eq!(padded(chunk).count(), shape(chunk.len()));
+            }
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), [1, 2, 4, 8, 16, 32, 64, 128, 256]);
     }
 
     #[test]

@@ -60,7 +60,8 @@ async fn batch_statements_are_prepared_once_per_connection() -> anyhow::Result<(
     let slice = slices(1)[0];
     let before = prepares(&mut c).await?;
 
-    // Batches of 100 (written as 128 places), then whatever is left in batches of 300 (512).
+    // Batches of 100 (written as 128 places), then whatever is left in batches of 300 (a
+    // 256-row statement and a 64-row one).
     let mut cursor = ClaimCursor::start();
     let (mut batches, mut claimed_total) = (0, 0);
     for n in 0.. {
@@ -133,6 +134,71 @@ async fn batch_statements_are_prepared_once_per_connection() -> anyhow::Result<(
         assert_eq!(body["amount"].as_i64(), Some(99 + claimed.target.0), "{body}");
         assert_eq!(request.idempotency_key.as_str(), format!("point-43-{}", claimed.target.0));
     }
+    drop(c);
+    db.drop_db().await
+}
+
+/// Claims up to `limit` rows and writes every one granted (`tx-<id>`); returns the count.
+async fn claim_and_grant(
+    c: &mut diesel_async::AsyncMysqlConnection,
+    limit: u32,
+    token: &str,
+    cursor: &mut ClaimCursor,
+) -> anyhow::Result<usize> {
+    let slice = slices(1)[0];
+    let token: repo::ClaimToken = token.into();
+    let claimed = repo::claim(c, "point_targets", C, &slice, limit, &token, cursor).await?;
+    let outcomes: Vec<RowOutcome> = claimed
+        .iter()
+        .map(|cl| RowOutcome {
+            target: cl.target,
+            claim: cl.claim.clone(),
+            outcome: Outcome::Granted { transaction_id: format!("tx-{}", cl.target.0) },
+        })
+        .collect();
+    repo::write_outcomes(c, "point_targets", "POINT", C, 0, &outcomes).await?;
+    Ok(claimed.len())
+}
+
+/// A batch or flush of more than 256 rows is written as 256-row statements in its
+/// transaction, so no connection caches a longer text (each placeholder's description stays in
+/// the cache): after a 700-row batch, a 256-row batch prepares nothing new. Every row is still
+/// claimed by its batch's token, written once and counted once.
+#[tokio::test(flavor = "multi_thread")]
+async fn long_batches_are_written_as_statements_of_256_rows() -> anyhow::Result<()> {
+    let _timing = shared().await;
+    let db = TestDb::new().await?;
+    db.campaign(C.0, "POINT", "split").await?;
+    db.load_points(C.0, &point_rows(1_212)).await?;
+    let pool = two_connections(&db)?;
+    let mut c = db::conn(&pool).await?;
+    let mut cursor = ClaimCursor::start();
+
+    assert_eq!(claim_and_grant(&mut c, 700, "split/0", &mut cursor).await?, 700);
+    let before = prepares(&mut c).await?;
+    assert_eq!(claim_and_grant(&mut c, 256, "split/1", &mut cursor).await?, 256);
+    // Only the status query itself (`sql_query` prepares every time).
+    let prepared = prepares(&mut c).await? - before;
+    assert!(prepared <= 1, "a 256-row batch after a 700-row one prepared {prepared} statements");
+    assert_eq!(claim_and_grant(&mut c, 1_000, "split/2", &mut cursor).await?, 256);
+    assert_eq!(claim_and_grant(&mut c, 1_000, "split/3", &mut cursor).await?, 0);
+
+    let by_token: Vec<Sum> = diesel::sql_query(
+        "SELECT COUNT(*) AS n FROM point_targets WHERE event_id = ? AND status = 'SUCCEEDED' \
+         AND transaction_id = CONCAT('tx-', id) AND attempts = 1 GROUP BY claimed_by \
+         ORDER BY claimed_by",
+    )
+    .bind::<BigInt, _>(C.0)
+    .load(&mut *c)
+    .await?;
+    assert_eq!(by_token.iter().map(|r| r.n).collect::<Vec<_>>(), [700, 256, 256]);
+    let counted: Vec<Sum> = diesel::sql_query(
+        "SELECT CAST(SUM(succeeded) AS SIGNED) AS n FROM campaign_counters WHERE campaign_id = ?",
+    )
+    .bind::<BigInt, _>(C.0)
+    .load(&mut *c)
+    .await?;
+    assert_eq!(counted[0].n, 1_212);
     drop(c);
     db.drop_db().await
 }
