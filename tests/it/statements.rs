@@ -66,28 +66,17 @@ async fn batch_statements_are_prepared_once_per_connection() -> anyhow::Result<(
     let (mut batches, mut claimed_total) = (0, 0);
     for n in 0.. {
         let limit = if n < 12 { 100 } else { 300 };
-        let token: repo::ClaimToken = format!("reuse/{n}").into();
-        let claimed =
-            repo::claim(&mut c, "point_targets", C, &slice, limit, &token, &mut cursor).await?;
-        if claimed.is_empty() {
+        let claimed = claim_and_grant(&mut c, limit, &format!("reuse/{n}"), &mut cursor).await?;
+        if claimed == 0 {
             break;
         }
-        claimed_total += claimed.len();
+        claimed_total += claimed;
         batches += 1;
-        let outcomes: Vec<RowOutcome> = claimed
-            .iter()
-            .map(|cl| RowOutcome {
-                target: cl.target,
-                claim: cl.claim.clone(),
-                outcome: Outcome::Granted { transaction_id: format!("tx-{}", cl.target.0) },
-            })
-            .collect();
-        repo::write_outcomes(&mut c, "point_targets", "POINT", C, 0, &outcomes).await?;
     }
     assert_eq!(claimed_total, 2_000);
     assert!(batches >= 15, "{batches} batches");
 
-    // Each shape prepared once: the claim's read, its mark (128 and 512 places, and the short
+    // Each shape prepared once: the claim's read, its mark (128, 256 and 64 places, and the short
     // last batch's shape), the granted write (the same shapes) and the counters; the status
     // queries of this test add one each.
     let prepared = prepares(&mut c).await? - before;
