@@ -4,7 +4,7 @@
 //! rows that is a parse of a statement with hundreds of placeholders, and a description of every
 //! placeholder sent back to the client, per batch. A [`Reused`] statement is cached by its text
 //! in the connection's statement cache instead, so a text seen before is only executed. Texts
-//! with one placeholder per row are made from [`shape`]d row counts (rounded up to a power of two,
+//! with one placeholder per row are made from [`shape`]d row counts (rounded up to a power of four,
 //! the extra places repeating the last row), so a connection keeps a few shapes per statement,
 //! not one per batch size.
 
@@ -52,16 +52,22 @@ impl Reused {
 /// Most rows one statement with placeholders per row is written for: longer lists are split
 /// into statements of this many rows (within the caller's transaction). The statement cache
 /// keeps, for every text, MariaDB's description of each placeholder (about 200 bytes of heap
-/// apiece), so a connection's cache stays below one text per power of two up to this many rows
+/// apiece), so a connection's cache stays below one text per power of four up to this many rows
 /// per statement, whatever the batch and flush sizes (an uncapped 1,000-row flush of granted
 /// rows was a 3,072-placeholder text of some 600 KB, on each of the pool's connections in time).
 pub(crate) const MOST_ROWS: usize = 256;
 
 /// The row count a statement with one or more placeholders per row is written for: `rows`
-/// rounded up to a power of two (callers split lists longer than [`MOST_ROWS`] first). The caller fills the extra places by repeating its last row,
-/// which changes nothing in `IN (...)` lists and `CASE` branches.
+/// rounded up to a power of four (callers split lists longer than [`MOST_ROWS`] first). Five
+/// shapes up to 256 rows: padding at most quadruples a short list, and a connection meets every
+/// shape early instead of the rare ones over hours. The caller fills the extra places by
+/// repeating its last row, which changes nothing in `IN (...)` lists and `CASE` branches.
 pub(crate) fn shape(rows: usize) -> usize {
-    rows.max(1).next_power_of_two()
+    let mut shape = 1;
+    while shape < rows {
+        shape *= 4;
+    }
+    shape
 }
 
 /// `items` followed by its last item repeated up to [`shape`]`(items.len())` items in all: the
@@ -116,12 +122,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn shapes_are_powers_of_two() {
-        assert_eq!([0, 1, 2, 3, 5, 250, 256, 257].map(shape), [1, 1, 2, 4, 8, 256, 256, 512]);
+    fn shapes_are_powers_of_four() {
+        assert_eq!(
+            [0, 1, 2, 4, 5, 16, 17, 64, 65, 250, 256, 257].map(shape),
+            [1, 1, 4, 4, 16, 16, 64, 64, 256, 256, 256, 1024]
+        );
     }
 
     #[test]
-    fn split_lists_have_at_most_nine_shapes() {
+    fn split_lists_have_at_most_five_shapes() {
         let mut seen = std::collections::BTreeSet::new();
         for n in 1..=3_000usize {
             let items: Vec<usize> = (0..n).collect();
@@ -130,13 +139,14 @@ mod tests {
                 assert_eq!(padded(chunk).count(), shape(chunk.len()));
             }
         }
-        assert_eq!(seen.into_iter().collect::<Vec<_>>(), [1, 2, 4, 8, 16, 32, 64, 128, 256]);
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), [1, 4, 16, 64, 256]);
     }
 
     #[test]
     fn padding_repeats_the_last_item_up_to_the_shape() {
         assert_eq!(padded(&[1, 2, 3]).copied().collect::<Vec<_>>(), [1, 2, 3, 3]);
-        assert_eq!(padded(&[1, 2]).count(), 2);
+        assert_eq!(padded(&[1, 2]).copied().collect::<Vec<_>>(), [1, 2, 2, 2]);
+        assert_eq!(padded(&[1, 2, 3, 4]).count(), 4);
         assert_eq!(padded::<i32>(&[]).count(), 0);
     }
 

@@ -60,7 +60,7 @@ async fn batch_statements_are_prepared_once_per_connection() -> anyhow::Result<(
     let slice = slices(1)[0];
     let before = prepares(&mut c).await?;
 
-    // Batches of 100 (written as 128 places), then whatever is left in batches of 300 (a
+    // Batches of 100 (written as 256 places), then whatever is left in batches of 300 (a
     // 256-row statement and a 64-row one).
     let mut cursor = ClaimCursor::start();
     let (mut batches, mut claimed_total) = (0, 0);
@@ -76,7 +76,7 @@ async fn batch_statements_are_prepared_once_per_connection() -> anyhow::Result<(
     assert_eq!(claimed_total, 2_000);
     assert!(batches >= 15, "{batches} batches");
 
-    // Each shape prepared once: the claim's read, its mark (128, 256 and 64 places, and the short
+    // Each shape prepared once: the claim's read, its mark (256 and 64 places, and the short
     // last batch's shape), the granted write (the same shapes) and the counters; the status
     // queries of this test add one each.
     let prepared = prepares(&mut c).await? - before;
