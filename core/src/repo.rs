@@ -24,7 +24,7 @@ use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl};
 
 use crate::domain::{CampaignId, CampaignStatus, OperatorCommand, TargetId, TargetStatus};
 use crate::plan::{PartitionRule, PartitionSlice, slices};
-use crate::reused::{MOST_ROWS, Reused, padded, shape};
+use crate::reused::{Reused, chunked, padded, shape};
 
 type QResult<T> = Result<T, diesel::result::Error>;
 
@@ -789,7 +789,7 @@ where
                 return Ok::<_, diesel::result::Error>(rows);
             }
             let ids: Vec<i64> = rows.iter().map(|r| r.claim.id).collect();
-            for chunk in ids.chunks(MOST_ROWS) {
+            for chunk in chunked(&ids) {
                 let mut q = Reused::new(format!(
                     "UPDATE {table} SET status = 'IN_FLIGHT', claimed_by = ?, updated_at = NOW(3) \
                      WHERE id IN ({})",
@@ -956,12 +956,13 @@ pub async fn write_outcomes(
         if !granted.is_empty() {
             // Normally from IN_FLIGHT; a success found on a DEAD row (a race with a person's
             // action) still wins, and moves the row between the counters.
-            // One statement over the rows by primary key (per [`MOST_ROWS`] rows), each row's
-            // transaction id picked by a CASE. A join with a derived table of one `SELECT` per row (as the rarer outcome
-            // classes below use) makes MariaDB fill and read a temporary table per batch: two
+            // One statement over the rows by primary key (per [`chunked`] part), each row's
+            // transaction id picked by a CASE. A join with a derived table of one `SELECT` per
+            // row (as the rarer outcome classes below use) makes MariaDB fill and read a
+            // temporary table per batch: two
             // temporary-table writes and two reads per row, about 15 % more CPU for the
             // statement (measured on 100,000 rows in batches of 250).
-            for chunk in granted.chunks(MOST_ROWS) {
+            for chunk in chunked(&granted) {
                 let places = shape(chunk.len());
                 let mut updated = 0;
                 for from in ["status NOT IN ('SUCCEEDED', 'DEAD')", "status = 'DEAD'"] {

@@ -55,10 +55,15 @@ impl Reused {
 /// apiece), so a connection's cache stays below one text per power of four up to this many rows
 /// per statement, whatever the batch and flush sizes (an uncapped 1,000-row flush of granted
 /// rows was a 3,072-placeholder text of some 600 KB, on each of the pool's connections in time).
-pub(crate) const MOST_ROWS: usize = 256;
+const MOST_ROWS: usize = 256;
+
+/// `items` in the parts one statement each is written for: [`MOST_ROWS`] at most.
+pub(crate) fn chunked<T>(items: &[T]) -> std::slice::Chunks<'_, T> {
+    items.chunks(MOST_ROWS)
+}
 
 /// The row count a statement with one or more placeholders per row is written for: `rows`
-/// rounded up to a power of four (callers split lists longer than [`MOST_ROWS`] first). Five
+/// rounded up to a power of four (callers split lists with [`chunked`] first). Five
 /// shapes up to 256 rows: padding at most quadruples a short list, and a connection meets every
 /// shape early instead of the rare ones over hours. The caller fills the extra places by
 /// repeating its last row, which changes nothing in `IN (...)` lists and `CASE` branches.
@@ -134,7 +139,7 @@ mod tests {
         let mut seen = std::collections::BTreeSet::new();
         for n in 1..=3_000usize {
             let items: Vec<usize> = (0..n).collect();
-            for chunk in items.chunks(MOST_ROWS) {
+            for chunk in chunked(&items) {
                 seen.insert(shape(chunk.len()));
                 assert_eq!(padded(chunk).count(), shape(chunk.len()));
             }
